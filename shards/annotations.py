@@ -1,0 +1,476 @@
+"""Parse each dataset's annotation files into the normalized :class:`shards.schema.Query` list.
+
+Every supported file is JSON Lines, one object per line:
+
+* QVHighlights, Charades-STA, TACoS, Ego4D-NLQ (moment_detr schema): ``qid``, ``query``,
+  ``duration`` (s), ``vid``, optional ``relevant_windows`` ``[[start, end], ...]`` (s) and, for
+  QVHighlights, ``relevant_clip_ids`` + ``saliency_scores`` (2-s clips, 3 workers, 0..4). A file
+  without ``relevant_windows`` (QVHighlights test) gives queries with no moments.
+* YouTube Highlights (lighthouse schema): ``vid``, ``query`` (or ``title``), ``domain``,
+  ``match`` (one of -1/0/1 per annotated clip), ``frames`` and ``fps`` of the source video;
+  optional ``qid`` (default ``vid``), ``duration``, ``label``, ``clip``. Duration is
+  ``frames / fps`` seconds and the per-video sampling rate is
+  ``Query.fps = len(match) / duration`` clips per second.
+* TVSum (lighthouse schema): ``vid``, ``query`` (or ``title``), ``domain``, ``label``
+  ``[clips][20 annotators]`` scores 1..5 per 2-s clip; optional ``qid`` (default ``vid``) and
+  ``duration``, which counts 2-s clips (so must equal ``len(label)``). ``Query.duration`` is
+  ``2 * len(label)`` seconds.
+
+Moment windows: a window with ``end < start`` is rejected. A window that sticks out of
+``[0, duration]`` by at most one clip (``1 / fps`` of the dataset: 2 s QVHighlights / TACoS /
+Ego4D-NLQ, 1 s Charades-STA) is clamped into it; one that sticks out further, or starts at or
+after ``duration``, is rejected.
+
+Errors are :class:`shards.errors.AnnotationError`; problems with one record start with
+``file:line:`` and name the field, problems with the whole file start with ``file:``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from shards.datasets import DatasetSpec, get_dataset
+from shards.errors import AnnotationError
+from shards.paths import unsafe_id_reason
+from shards.schema import Query
+
+QVH_CLIP_SECONDS = 2.0
+"""Clip length of moment_detr ``relevant_clip_ids`` / ``saliency_scores``."""
+QVH_WORKERS = 3
+QVH_MAX_SCORE = 4
+TVSUM_ANNOTATORS = 20
+TVSUM_CLIP_SECONDS = 2.0
+"""Clip length of TVSum ``label`` rows."""
+DURATION_TOLERANCE = 1e-3
+"""Seconds two records of one video may disagree on its duration."""
+YOUTUBE_DURATION_TOLERANCE = 0.01
+"""Seconds an explicit YouTube ``duration`` may differ from ``frames / fps``."""
+
+_SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+_Entry = tuple[str, int, Query]  # (file, line, query)
+_Parser = Callable[[dict[str, Any], str, DatasetSpec, str], Query]
+
+
+def infer_split(path: str | Path) -> str | None:
+    """Split named by the file name (``train`` / ``val`` / ``test``), ``None`` if none or ambiguous.
+
+    The name is cut into words at every non-alphanumeric character, so
+    ``highlight_test_with_gt.jsonl`` → ``test`` and ``nlq_val.jsonl`` → ``val``.
+    """
+    words = re.split(r"[^a-z0-9]+", Path(path).name.lower())
+    found = {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
+    return found.pop() if len(found) == 1 else None
+
+
+def load_annotations(dataset: str, path: str | Path, split: str | None = None) -> list[Query]:
+    """Parse one annotation file of ``dataset`` into queries (times in seconds), in file order.
+
+    Args:
+        dataset: registry name or alias (see :func:`shards.datasets.get_dataset`).
+        path: the JSON Lines file.
+        split: ``train`` / ``val`` / ``test``; inferred from the file name when ``None``.
+
+    Raises:
+        UnknownDatasetError: unknown ``dataset``.
+        AnnotationError: missing / empty / malformed file, a bad record (``file:line: field ...``),
+            a duplicate query id, or a split that cannot be inferred or does not exist.
+    """
+    spec = get_dataset(dataset)
+    entries = _load_entries(spec, Path(path), split)
+    _check_consistent(entries)
+    return [q for _, _, q in entries]
+
+
+def load_many(dataset: str, paths: Iterable[str | Path], split: str | None = None) -> list[Query]:
+    """Parse several annotation files of ``dataset`` and concatenate them in the given order.
+
+    The split of each file is inferred from its name unless ``split`` is given (then it applies
+    to all). Query ids must be unique over all files, and one video must have one duration;
+    a clash names both places (``file:line``).
+
+    Raises:
+        AnnotationError: as :func:`load_annotations`, or no files given.
+    """
+    spec = get_dataset(dataset)
+    files = [Path(p) for p in paths]
+    if not files:
+        raise AnnotationError(f"no {spec.title} annotation files given; pass at least one .jsonl file")
+    entries = [e for p in files for e in _load_entries(spec, p, split)]
+    _check_consistent(entries)
+    return [q for _, _, q in entries]
+
+
+def find_annotation_file(dataset: str, root: str | Path, split: str) -> Path:
+    """The annotation file of ``split`` in folder ``root`` (e.g. ``data/tacos``).
+
+    Tries :meth:`DatasetSpec.annotation_names` in order and returns the first that exists.
+
+    Raises:
+        AnnotationError: ``split`` is not a split of the dataset, or none of the names exists.
+    """
+    spec = get_dataset(dataset)
+    folder = Path(root)
+    if split not in spec.splits:
+        raise AnnotationError(
+            f"{folder}: {spec.title} has no split {split!r}; valid splits: {', '.join(spec.splits)}"
+        )
+    names = spec.annotation_names(split)
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise AnnotationError(
+        f"{folder}: no {spec.title} {split} annotation file found; expected one of: {', '.join(names)}"
+    )
+
+
+def _load_entries(spec: DatasetSpec, path: Path, split: str | None) -> list[_Entry]:
+    split = _resolve_split(spec, path, split)
+    parse = _PARSERS.get(spec.name, _parse_moments)
+    name = str(path)
+    entries = []
+    for line, record in _read_records(spec, path):
+        entries.append((name, line, parse(record, f"{name}:{line}", spec, split)))
+    return entries
+
+
+def _resolve_split(spec: DatasetSpec, path: Path, split: str | None) -> str:
+    if split is None:
+        split = infer_split(path)
+        if split is None:
+            raise AnnotationError(
+                f"{path}: cannot tell the split from the file name; put one of "
+                f"{', '.join(spec.splits)} in the name or pass the split explicitly"
+            )
+    if split not in spec.splits:
+        raise AnnotationError(
+            f"{path}: {spec.title} has no split {split!r}; valid splits: {', '.join(spec.splits)}"
+        )
+    return split
+
+
+def _read_records(spec: DatasetSpec, path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """All JSON objects of a JSON Lines file with their 1-based line numbers; blank lines skipped."""
+    if not path.exists():
+        raise AnnotationError(
+            f"{path}: annotation file not found; put the {spec.title} annotations there "
+            f"(expected names are listed in docs/datasets.md)"
+        )
+    if path.is_dir():
+        raise AnnotationError(f"{path}: is a folder; pass the JSON Lines annotation file inside it")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AnnotationError(f"{path}: cannot read the file: {exc.strerror}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise AnnotationError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8 JSON Lines") from exc
+    records = []
+    for line, row in enumerate(text.split("\n"), start=1):
+        if not row.strip():
+            continue
+        try:
+            record = json.loads(row)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(
+                f"{path}:{line}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                f"the file must hold one JSON object per line"
+            ) from exc
+        if not isinstance(record, dict):
+            raise AnnotationError(
+                f"{path}:{line}: expected a JSON object, got {_json_type(record)}; "
+                f"the file must hold one JSON object per line"
+            )
+        records.append((line, record))
+    if not records:
+        raise AnnotationError(f"{path}: empty annotation file (no JSON records)")
+    return records
+
+
+def _check_consistent(entries: list[_Entry]) -> None:
+    """Reject duplicate query ids (``5`` and ``"5"`` clash) and videos with two durations."""
+    qids: dict[str, tuple[str, int]] = {}
+    durations: dict[str, tuple[float, str, int]] = {}
+    for name, line, q in entries:
+        key = str(q.qid)
+        if key in qids:
+            first_name, first_line = qids[key]
+            raise AnnotationError(
+                f"{name}:{line}: field 'qid': duplicate query id {q.qid!r}, first used at "
+                f"{first_name}:{first_line}; query ids must be unique"
+            )
+        qids[key] = (name, line)
+        seen = durations.setdefault(q.vid, (q.duration, name, line))
+        if abs(seen[0] - q.duration) > DURATION_TOLERANCE:
+            raise AnnotationError(
+                f"{name}:{line}: field 'duration': video {q.vid!r} has duration {q.duration:g} s here "
+                f"but {seen[0]:g} s at {seen[1]}:{seen[2]}; one video must have one duration"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks. ``where`` is the ``file:line`` prefix of the record.
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "an object")
+
+
+def _bad(where: str, field: str, problem: str) -> AnnotationError:
+    return AnnotationError(f"{where}: field '{field}' {problem}")
+
+
+def _wrong_type(where: str, field: str, expected: str, value: Any) -> AnnotationError:
+    return _bad(where, field, f"must be {expected}, got {_json_type(value)} {json.dumps(value)[:60]}")
+
+
+def _required(record: dict[str, Any], field: str, where: str) -> Any:
+    value = record.get(field)
+    if value is None:
+        raise AnnotationError(f"{where}: missing required field '{field}'")
+    return value
+
+
+def _number(value: Any, field: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong_type(where, field, "a number", value)
+    if not math.isfinite(value):
+        raise _bad(where, field, f"must be finite, got {value}")
+    return float(value)
+
+
+def _positive(value: Any, field: str, where: str) -> float:
+    number = _number(value, field, where)
+    if number <= 0:
+        raise _bad(where, field, f"must be > 0, got {number:g}")
+    return number
+
+
+def _integer(value: Any, field: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(where, field, "an integer", value)
+    return value
+
+
+def _list(value: Any, field: str, where: str, non_empty: bool = False) -> list[Any]:
+    if not isinstance(value, list):
+        raise _wrong_type(where, field, "a list", value)
+    if non_empty and not value:
+        raise _bad(where, field, "is an empty list")
+    return value
+
+
+def _text(value: Any, field: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type(where, field, "a string", value)
+    if not value.strip():
+        raise _bad(where, field, "is empty")
+    return value
+
+
+def _safe_id(value: str, field: str, where: str) -> str:
+    reason = unsafe_id_reason(value)
+    if reason is not None:
+        raise _bad(where, field, f"{value!r} cannot be used as a file or store key: {reason}")
+    return value
+
+
+def _vid(record: dict[str, Any], where: str) -> str:
+    return _safe_id(_text(_required(record, "vid", where), "vid", where), "vid", where)
+
+
+def _qid(record: dict[str, Any], where: str) -> int | str:
+    value = _required(record, "qid", where)
+    if isinstance(value, str):
+        return _safe_id(_text(value, "qid", where), "qid", where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(where, "qid", "an integer or a string", value)
+    return value
+
+
+def _title(record: dict[str, Any], where: str) -> str:
+    field = "title" if record.get("title") is not None else "query"
+    if record.get(field) is None:
+        raise AnnotationError(f"{where}: missing required field 'query' (or 'title')")
+    return _text(record[field], field, where)
+
+
+def _domain(record: dict[str, Any], spec: DatasetSpec, where: str) -> str:
+    domain = _text(_required(record, "domain", where), "domain", where)
+    if domain not in spec.domains:
+        expected = ", ".join(spec.domains)
+        raise _bad(where, "domain", f"{domain!r} is not a {spec.title} domain; expected one of: {expected}")
+    return domain
+
+
+def _windows(value: Any, duration: float, tolerance: float, where: str) -> list[list[float]]:
+    """``relevant_windows`` → ``[[start, end], ...]`` seconds inside ``[0, duration]``.
+
+    Windows sticking out by at most ``tolerance`` seconds are clamped; see the module docstring.
+    """
+    windows = []
+    for i, window in enumerate(_list(value, "relevant_windows", where)):
+        field = f"relevant_windows[{i}]"
+        if not isinstance(window, list) or len(window) != 2:
+            raise _wrong_type(where, field, "a [start, end] pair", window)
+        start = _number(window[0], field, where)
+        end = _number(window[1], field, where)
+        if end < start:
+            raise _bad(where, field, f"has end {end:g} < start {start:g}")
+        if start < -tolerance or end > duration + tolerance:
+            raise _bad(
+                where,
+                field,
+                f"[{start:g}, {end:g}] lies outside [0, duration={duration:g}] by more than one clip "
+                f"({tolerance:g} s); fix the window or the duration",
+            )
+        if start >= duration:
+            raise _bad(where, field, f"starts at {start:g} s, at or after the video's end ({duration:g} s)")
+        windows.append([max(start, 0.0), min(end, duration)])
+    return windows
+
+
+def _qvh_saliency(record: dict[str, Any], duration: float, where: str) -> dict[str, Any] | None:
+    """``relevant_clip_ids`` + ``saliency_scores`` → ``{"clip_ids": [...], "scores": [[a, b, c], ...]}``."""
+    ids_value = record.get("relevant_clip_ids")
+    scores_value = record.get("saliency_scores")
+    if ids_value is None and scores_value is None:
+        return None
+    if ids_value is None or scores_value is None:
+        missing, present = ("relevant_clip_ids", "saliency_scores")[:: 1 if ids_value is None else -1]
+        raise AnnotationError(f"{where}: missing required field '{missing}' (required with '{present}')")
+    n_clips = math.ceil(duration / QVH_CLIP_SECONDS)
+    clip_ids = _list(ids_value, "relevant_clip_ids", where)
+    for i, clip in enumerate(clip_ids):
+        if not 0 <= _integer(clip, f"relevant_clip_ids[{i}]", where) < n_clips:
+            raise _bad(
+                where, f"relevant_clip_ids[{i}]", f"= {clip} is outside the video's {n_clips} clips of 2 s"
+            )
+    if len(set(clip_ids)) != len(clip_ids):
+        raise _bad(where, "relevant_clip_ids", "repeats a clip id")
+    scores = _list(scores_value, "saliency_scores", where)
+    if len(scores) != len(clip_ids):
+        raise _bad(
+            where, "saliency_scores", f"has {len(scores)} rows but 'relevant_clip_ids' has {len(clip_ids)}"
+        )
+    for i, row in enumerate(scores):
+        field = f"saliency_scores[{i}]"
+        if not isinstance(row, list) or len(row) != QVH_WORKERS:
+            raise _wrong_type(where, field, f"a list of {QVH_WORKERS} worker scores", row)
+        for score in row:
+            if not 0 <= _integer(score, field, where) <= QVH_MAX_SCORE:
+                raise _bad(where, field, f"has score {score} outside 0..{QVH_MAX_SCORE}")
+    return {"clip_ids": clip_ids, "scores": scores}
+
+
+# ---------------------------------------------------------------------------------------------
+# Record parsers, one per annotation schema.
+
+
+def _parse_moments(record: dict[str, Any], where: str, spec: DatasetSpec, split: str) -> Query:
+    """moment_detr schema (QVHighlights, Charades-STA, TACoS, Ego4D-NLQ)."""
+    qid = _qid(record, where)
+    text = _text(_required(record, "query", where), "query", where)
+    duration = _positive(_required(record, "duration", where), "duration", where)
+    vid = _vid(record, where)
+    windows = record.get("relevant_windows")
+    tolerance = spec.clip_seconds if spec.clip_seconds is not None else 0.0
+    moments = [] if windows is None else _windows(windows, duration, tolerance, where)
+    return Query(
+        vid=vid,
+        qid=qid,
+        text=text,
+        duration=duration,
+        split=split,
+        moments=moments,
+        saliency=_qvh_saliency(record, duration, where),
+    )
+
+
+def _parse_youtube(record: dict[str, Any], where: str, spec: DatasetSpec, split: str) -> Query:
+    """lighthouse YouTube Highlights schema; sets the per-video ``fps`` (clips per second)."""
+    vid = _vid(record, where)
+    qid = _qid(record, where) if record.get("qid") is not None else vid
+    text = _title(record, where)
+    domain = _domain(record, spec, where)
+    match = _list(_required(record, "match", where), "match", where, non_empty=True)
+    for i, value in enumerate(match):
+        if _integer(value, f"match[{i}]", where) not in (-1, 0, 1):
+            raise _bad(where, f"match[{i}]", f"= {value} must be -1, 0 or 1")
+    frames = _positive(_required(record, "frames", where), "frames", where)
+    video_fps = _positive(_required(record, "fps", where), "fps", where)
+    duration = frames / video_fps
+    if record.get("duration") is not None:
+        given = _number(record["duration"], "duration", where)
+        if abs(given - duration) > YOUTUBE_DURATION_TOLERANCE:
+            raise _bad(where, "duration", f"= {given:g} s disagrees with frames / fps = {duration:g} s")
+    for field in ("label", "clip"):
+        if record.get(field) is not None and len(_list(record[field], field, where)) != len(match):
+            raise _bad(where, field, f"has {len(record[field])} entries but 'match' has {len(match)}")
+    return Query(
+        vid=vid,
+        qid=qid,
+        text=text,
+        duration=duration,
+        split=split,
+        saliency={"match": match},
+        domain=domain,
+        fps=len(match) / duration,
+    )
+
+
+def _parse_tvsum(record: dict[str, Any], where: str, spec: DatasetSpec, split: str) -> Query:
+    """lighthouse TVSum schema; ``duration`` in the file counts 2-s clips."""
+    vid = _vid(record, where)
+    qid = _qid(record, where) if record.get("qid") is not None else vid
+    text = _title(record, where)
+    domain = _domain(record, spec, where)
+    label = _list(_required(record, "label", where), "label", where, non_empty=True)
+    scores = []
+    for i, row in enumerate(label):
+        field = f"label[{i}]"
+        if not isinstance(row, list) or len(row) != TVSUM_ANNOTATORS:
+            raise _wrong_type(where, field, f"a list of {TVSUM_ANNOTATORS} annotator scores", row)
+        values = [_number(v, field, where) for v in row]
+        if not all(1.0 <= v <= 5.0 for v in values):
+            raise _bad(where, field, "has a score outside 1..5")
+        scores.append(values)
+    if record.get("duration") is not None:
+        clips = _number(record["duration"], "duration", where)
+        if clips != len(label):
+            raise _bad(
+                where,
+                "duration",
+                f"= {clips:g} must equal the number of 2-s clips in 'label' ({len(label)}); "
+                "in TVSum files it counts clips, not seconds",
+            )
+    return Query(
+        vid=vid,
+        qid=qid,
+        text=text,
+        duration=len(label) * TVSUM_CLIP_SECONDS,
+        split=split,
+        saliency={"scores": scores},
+        domain=domain,
+    )
+
+
+_PARSERS: dict[str, _Parser] = {"youtube": _parse_youtube, "tvsum": _parse_tvsum}

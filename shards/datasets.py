@@ -1,0 +1,207 @@
+"""Registry of the supported datasets and their fixed properties.
+
+Numbers follow the R²-Tuning reference configs (frame rate of the cached features, rounding
+unit of predicted windows, NMS used at evaluation). Annotation parsing lives in
+:mod:`shards.annotations`; see ``docs/datasets.md`` for the expected data layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shards.errors import UnknownDatasetError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Fixed properties of one dataset.
+
+    Attributes:
+        name: registry key: ``qvhighlights`` | ``charades`` | ``tacos`` | ``ego4d`` | ``youtube`` | ``tvsum``.
+        title: human-readable name, e.g. ``Charades-STA``.
+        fps: frames per second sampled for the features; ``None`` = per-video rate from the
+            annotation (``auto``, YouTube Highlights: :attr:`shards.schema.Query.fps`).
+        clip_unit: rounding unit in seconds of predicted windows at evaluation (QVHighlights 2.0,
+            Charades-STA 0.1), ``None`` = no rounding.
+        video_suffix: appended to the video id to form the file name (``-cam-002`` for TACoS).
+        splits: splits that have annotation files.
+        domains: YouTube Highlights / TVSum domains, else ``()``.
+        task: ``mr`` (moment retrieval; QVHighlights also has highlight labels) or ``hd``
+            (highlight detection only: YouTube Highlights, TVSum).
+        aliases: other accepted names (lower case).
+        annotation_files: per split, the accepted annotation file names in order of preference,
+            as ``((split, (name, ...)), ...)``; see :meth:`annotation_names`.
+        nms_mode: NMS of predicted windows at evaluation: ``normal`` (drop overlaps above
+            :attr:`nms_thres`), ``linear`` (scale scores by ``1 - IoU``), ``None`` for ``hd``.
+        nms_thres: IoU threshold of ``normal`` NMS, else ``None``.
+        key_metric: metric that ranks checkpoints (key of the evaluator's result dict).
+    """
+
+    name: str
+    title: str
+    fps: float | None
+    clip_unit: float | None
+    video_suffix: str
+    splits: tuple[str, ...]
+    domains: tuple[str, ...]
+    task: str
+    aliases: tuple[str, ...]
+    annotation_files: tuple[tuple[str, tuple[str, ...]], ...]
+    nms_mode: str | None
+    nms_thres: float | None
+    key_metric: str
+
+    @property
+    def clip_seconds(self) -> float | None:
+        """Length of one feature clip in seconds (``1 / fps``); ``None`` when fps is per video."""
+        return None if self.fps is None else 1.0 / self.fps
+
+    def annotation_names(self, split: str) -> tuple[str, ...]:
+        """Accepted annotation file names of ``split``, most preferred first (``()`` if none)."""
+        return dict(self.annotation_files).get(split, ())
+
+
+_SPECS: tuple[DatasetSpec, ...] = (
+    DatasetSpec(
+        name="qvhighlights",
+        title="QVHighlights",
+        fps=0.5,
+        clip_unit=2.0,
+        video_suffix="",
+        splits=("train", "val", "test"),
+        domains=(),
+        task="mr",
+        aliases=("qvh", "qvhighlight"),
+        annotation_files=(
+            ("train", ("qvhighlights_train.jsonl", "highlight_train_release.jsonl")),
+            ("val", ("qvhighlights_val.jsonl", "highlight_val_release.jsonl")),
+            (
+                "test",
+                ("qvhighlights_test.jsonl", "highlight_test_with_gt.jsonl", "highlight_test_release.jsonl"),
+            ),
+        ),
+        nms_mode="normal",
+        nms_thres=0.7,
+        key_metric="MR-full-mAP",
+    ),
+    DatasetSpec(
+        name="charades",
+        title="Charades-STA",
+        fps=1.0,
+        clip_unit=0.1,
+        video_suffix="",
+        splits=("train", "test"),
+        domains=(),
+        task="mr",
+        aliases=("charades-sta", "charades_sta", "charadessta"),
+        annotation_files=(
+            ("train", ("charades_train.jsonl", "charades_train_release.jsonl")),
+            ("test", ("charades_test.jsonl", "charades_test_release.jsonl")),
+        ),
+        nms_mode="linear",
+        nms_thres=None,
+        key_metric="MR-full-R1@0.5",
+    ),
+    DatasetSpec(
+        name="tacos",
+        title="TACoS",
+        fps=0.5,
+        clip_unit=None,
+        video_suffix="-cam-002",
+        splits=("train", "val", "test"),
+        domains=(),
+        task="mr",
+        aliases=(),
+        annotation_files=(
+            ("train", ("train.jsonl", "tacos_train.jsonl", "tacos_train_release.jsonl")),
+            ("val", ("val.jsonl", "tacos_val.jsonl", "tacos_val_release.jsonl")),
+            ("test", ("test.jsonl", "tacos_test.jsonl", "tacos_test_release.jsonl")),
+        ),
+        nms_mode="linear",
+        nms_thres=None,
+        key_metric="MR-full-R1@0.5",
+    ),
+    DatasetSpec(
+        name="ego4d",
+        title="Ego4D-NLQ",
+        fps=0.5,
+        clip_unit=None,
+        video_suffix="",
+        splits=("train", "val"),
+        domains=(),
+        task="mr",
+        aliases=("ego4d-nlq", "ego4d_nlq", "nlq"),
+        annotation_files=(
+            ("train", ("nlq_train.jsonl", "ego4d_train.jsonl")),
+            ("val", ("nlq_val.jsonl", "ego4d_val.jsonl")),
+        ),
+        nms_mode="linear",
+        nms_thres=None,
+        key_metric="MR-full-R1@0.5",
+    ),
+    DatasetSpec(
+        name="youtube",
+        title="YouTube Highlights",
+        fps=None,
+        clip_unit=None,
+        video_suffix="",
+        splits=("train", "val"),
+        domains=("dog", "gymnastics", "parkour", "skating", "skiing", "surfing"),
+        task="hd",
+        aliases=("youtube-highlights", "youtube_highlights", "youtube_highlight", "youtube-highlight", "yt"),
+        annotation_files=(
+            ("train", ("youtube_train.jsonl", "youtube_highlight_train_release.jsonl")),
+            ("val", ("youtube_val.jsonl", "youtube_highlight_val_release.jsonl")),
+        ),
+        nms_mode=None,
+        nms_thres=None,
+        key_metric="mAP",
+    ),
+    DatasetSpec(
+        name="tvsum",
+        title="TVSum",
+        fps=0.5,
+        clip_unit=None,
+        video_suffix="",
+        splits=("train", "val"),
+        domains=("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU"),
+        task="hd",
+        aliases=(),
+        annotation_files=(
+            ("train", ("tvsum_train.jsonl", "tvsum_train_release.jsonl")),
+            ("val", ("tvsum_val.jsonl", "tvsum_val_release.jsonl")),
+        ),
+        nms_mode=None,
+        nms_thres=None,
+        key_metric="mAP",
+    ),
+)
+
+_BY_NAME: dict[str, DatasetSpec] = {s.name: s for s in _SPECS}
+_LOOKUP: dict[str, DatasetSpec] = {key: s for s in _SPECS for key in (s.name, *s.aliases)}
+
+
+def dataset_names() -> list[str]:
+    """Registry names of all supported datasets, in a fixed order."""
+    return list(_BY_NAME)
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The spec of dataset ``name`` (case-insensitive; aliases such as ``qvh``, ``charades-sta`` work).
+
+    Raises:
+        UnknownDatasetError: the name is not in the registry; the message lists the valid names.
+    """
+    spec = _LOOKUP.get(name.strip().lower())
+    if spec is None:
+        raise UnknownDatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    return spec
+
+
+def video_filename_stem(spec: DatasetSpec, vid: str) -> str:
+    """File name of video ``vid`` without extension: ``vid + spec.video_suffix``.
+
+    ``vid`` is the id as stored in :class:`shards.schema.Query` (checked by the annotation
+    parser), e.g. TACoS ``s34-d28`` → ``s34-d28-cam-002``.
+    """
+    return vid + spec.video_suffix
