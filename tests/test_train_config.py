@@ -1,0 +1,177 @@
+"""Run configs: backbone dims, per-dataset presets (reference values), overrides, JSON, dry-run CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from shards.errors import ConfigError
+from train.cli import app
+from train.config import BACKBONES, RunConfig, apply_overrides, get_preset, normalize_arch, preset_names
+
+YOUTUBE = ["dog", "gymnastics", "parkour", "skating", "skiing", "surfing"]
+TVSUM = ["BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU"]
+
+
+def test_backbone_dims() -> None:
+    dims = {
+        name: (b.video_tokens, b.video_width, b.text_width, b.frame_size) for name, b in BACKBONES.items()
+    }
+    assert dims == {
+        "ViT-B-32": (50, 768, 512, 224),
+        "ViT-B-16": (197, 768, 512, 224),
+        "ViT-L-14": (257, 1024, 768, 224),
+        "ViT-L-14-336": (577, 1024, 768, 336),
+    }
+    assert (
+        normalize_arch("ViT-B/32") == "ViT-B-32"
+        and normalize_arch("vit-l-14-336-quickgelu") == "ViT-L-14-336"
+    )
+    cfg = get_preset("charades", arch="ViT-L/14")
+    assert (cfg.model.video_tokens, cfg.model.video_width, cfg.model.text_width) == (257, 1024, 768)
+    with pytest.raises(ConfigError, match="ViT-B-16"):
+        get_preset("charades", arch="ViT-H-14")
+
+
+def test_preset_names() -> None:
+    names = preset_names()
+    assert names[:4] == ["qvhighlights", "ego4d", "charades", "tacos"]
+    assert names[4:] == [f"youtube_{d}" for d in YOUTUBE] + [f"tvsum_{d}" for d in TVSUM]
+
+
+@pytest.mark.parametrize(
+    ("name", "dropout", "sal", "epochs", "lr", "steps", "batch", "repeat", "nms", "unit", "key"),
+    [
+        ("qvhighlights", 0.5, 0.1, 30, 5e-4, (20,), 128, 4, "normal", 2.0, "MR-full-mAP"),
+        ("ego4d", 0.3, 0.1, 30, 2.5e-4, (20,), 32, 1, "linear", None, "MR-full-R1@0.5"),
+        ("charades", 0.35, 0.01, 50, 2.5e-4, (30,), 32, 1, "linear", 0.1, "MR-full-R1@0.5"),
+        ("tacos", 0.5, 0.05, 100, 2.5e-4, (50,), 32, 1, "linear", None, "MR-full-R1@0.5"),
+    ],
+)
+def test_moment_retrieval_presets(
+    name: str, dropout: float, sal: float, epochs: int, lr: float, steps: tuple, batch: int, repeat: int,
+    nms: str, unit: float | None, key: str,
+) -> None:  # fmt: skip
+    cfg = get_preset(name)
+    assert cfg.dataset == name and cfg.domain is None
+    assert cfg.model.strides == (1, 2, 4, 8) and cfg.model.use_tef and cfg.model.coord_head
+    assert cfg.model.dropout == dropout and cfg.loss.sal_weight == sal and cfg.loss.cls_loss == "focal"
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.lr_steps, cfg.train.batch_size) == (
+        epochs,
+        lr,
+        steps,
+        batch,
+    )
+    assert cfg.train.repeat == repeat and cfg.optim.warmup_iters == 500
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-4, 35.0)
+    assert (cfg.eval.nms_mode, cfg.eval.clip_unit, cfg.eval.key_metric) == (nms, unit, key)
+
+
+@pytest.mark.parametrize(
+    ("name", "dataset", "domain", "epochs"),
+    [("youtube_dog", "youtube", "dog", 200), ("tvsum_bk", "tvsum", "BK", 500)],
+)
+def test_highlight_presets(name: str, dataset: str, domain: str, epochs: int) -> None:
+    cfg = get_preset(name)
+    assert (cfg.preset, cfg.dataset, cfg.domain) == (f"{dataset}_{domain}", dataset, domain)
+    m = cfg.model
+    assert (m.strides, m.use_tef, m.merge_cls_sal, m.coord_head) == ((1,), False, False, False)
+    assert cfg.loss.cls_loss == "dynamic_bce" and cfg.loss.sal_direction == ("row",)
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.lr_steps, cfg.optim.warmup_iters) == (
+        epochs,
+        5e-4,
+        (),
+        50,
+    )
+    assert cfg.train.batch_size == 4 and cfg.eval.key_metric == "mAP" and cfg.eval.nms_mode is None
+
+
+def test_unknown_preset_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean charades.*valid presets: qvhighlights, .*tvsum_VU"):
+        get_preset("charade")
+
+
+def test_overrides_dotted_and_aliases_with_types() -> None:
+    cfg = apply_overrides(
+        get_preset("tacos"),
+        [
+            "model.dropout=0.3",
+            "lr=1e-4",
+            "batch_size=16",
+            "loss_sal=0.2",
+            "epochs=3",
+            "model.strides=1,2",
+            "optim.lr_steps=[]",
+            "train.amp=false",
+            "optim.grad_clip=none",
+            "eval.clip_unit=0.5",
+            "loss.sal_direction=(row)",
+        ],
+    )
+    assert cfg.model.dropout == 0.3 and cfg.optim.lr == 1e-4 and cfg.train.batch_size == 16
+    assert cfg.loss.sal_weight == 0.2 and cfg.train.epochs == 3 and cfg.model.strides == (1, 2)
+    assert cfg.optim.lr_steps == () and cfg.train.amp is False and cfg.optim.grad_clip is None
+    assert cfg.eval.clip_unit == 0.5 and cfg.loss.sal_direction == ("row",)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("model.dropuot=0.1", r"unknown config key 'model.dropuot'; did you mean model.dropout"),
+        ("learning_rate=1", r"unknown config key 'learning_rate'"),
+        ("model=1", r"unknown config key 'model'"),
+        ("lr=fast", r"bad value 'fast' for lr: expected float"),
+        ("epochs=2.5", r"bad value '2.5' for epochs: expected int"),
+        ("train.amp=maybe", r"expected bool"),
+        ("lr", r"malformed override 'lr'"),
+        ("model.strides=2,4", r"model.strides must start with 1"),
+        ("model.strides=1,3", r"powers of two"),
+        ("loss.cls_loss=mse", r"loss.cls_loss must be"),
+    ],
+)
+def test_bad_overrides(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(get_preset("qvhighlights"), [item])
+
+
+def test_json_round_trip() -> None:
+    cfg = apply_overrides(get_preset("youtube_skiing", arch="ViT-B-16"), ["seed=7", "optim.grad_clip=none"])
+    text = json.dumps(cfg.to_dict())
+    back = RunConfig.from_dict(json.loads(text))
+    assert back == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'model.depth'"):
+        RunConfig.from_dict({"model": {"depth": 3}})
+
+
+def test_cli_dry_run_prints_summary_and_trainable_count() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["--dry-run", "--preset", "qvhighlights"])
+    assert result.exit_code == 0, result.output
+    assert "trainable parameters: 2,836,242" in result.output
+    assert "adapter" in result.output and "coord_head" in result.output and "198,402" in result.output
+    result = runner.invoke(app, ["--dry-run", "--preset", "tvsum_BK", "--set", "model.dropout=0.2"])
+    assert result.exit_code == 0 and "trainable parameters: 1,846,281" in result.output
+    assert "coord_head" not in result.output
+
+
+def test_cli_mounts_as_single_command_and_reports_errors() -> None:
+    root = typer.Typer()
+    root.add_typer(app, name="train")
+
+    @root.command()
+    def other() -> None:
+        """Second command so that ``root`` is a group, as in ``r2``."""
+
+    runner = CliRunner()
+    result = runner.invoke(
+        root, ["train", "--dry-run", "--preset", "charades", "--arch", "ViT-L-14", "--set", "lr=1e-4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "video tokens (T, 4, 257, 1024)" in result.output and "lr 0.0001" in result.output
+    result = runner.invoke(root, ["train", "--dry-run", "--preset", "nope"])
+    assert isinstance(result.exception, ConfigError)
+    result = runner.invoke(root, ["train", "--preset", "charades"])
+    assert isinstance(result.exception, ConfigError) and "--store" in str(result.exception)

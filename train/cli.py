@@ -1,0 +1,76 @@
+"""``r2 train``: train the R² model on a feature store (``--dry-run``: show the model and stop).
+
+Training itself is :func:`train.trainer.train_run`; the device is ``train.device`` (``--set device=cuda``).
+
+``app`` is a typer app whose *callback* is the command (no sub-commands), so that
+``add_typer(app, name="train")`` gives ``r2 train --preset NAME ...`` directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from shards.errors import ConfigError
+from train.config import ALIASES, RunConfig, apply_overrides, get_preset, preset_names
+from train.model import R2Tuning, count_parameters
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback(invoke_without_command=True)
+def train(
+    preset: str = typer.Option(
+        ..., "--preset", "-p", help=f"Config preset: {', '.join(preset_names()[:6])}, ..."
+    ),
+    arch: str = typer.Option("ViT-B-32", "--arch", help="CLIP backbone of the cached tokens."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help=f"Override a config key: --set optim.lr=1e-4 (aliases: {', '.join(ALIASES)})."
+    ),
+    store: Path | None = typer.Option(None, "--store", help="Feature store (Zarr) to train on."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (config, logs, checkpoints)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last checkpoint."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the model summary and exit (no store needed)."
+    ),
+) -> None:
+    """Train R²-Tuning with a preset's reference hyper-parameters (see docs/model.md)."""
+    cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
+    if dry_run:
+        typer.echo(model_summary(cfg))
+        return
+    if store is None or out is None:
+        raise ConfigError("training needs --store (feature store) and --out (run folder); or use --dry-run")
+    from train.trainer import train_run  # heavy imports (store, loader) only when training
+
+    result = train_run(cfg, store, out, resume=resume, device=cfg.train.device)
+    best = "no validation"
+    if result.best_value is not None:
+        best = f"best {result.key_metric} {result.best_value:.2f} at epoch {result.best_epoch}"
+    typer.echo(f"{result.epochs} epochs done in {result.run_dir} ({best})")
+
+
+def model_summary(cfg: RunConfig) -> str:
+    """Text table of the model's parameters per module, ending with the trainable-parameter count."""
+    model = R2Tuning(cfg.model, cfg.loss)
+    m = cfg.model
+    lines = [
+        f"preset {cfg.preset} (dataset {cfg.dataset}{'/' + cfg.domain if cfg.domain else ''}), "
+        f"backbone {m.arch}: video tokens (T, {m.layers}, {m.video_tokens}, {m.video_width}), "
+        f"query tokens (L, {m.layers}, {m.text_width})",
+        f"epochs {cfg.train.epochs}, batch {cfg.train.batch_size}, lr {cfg.optim.lr:g}, "
+        f"key metric {cfg.eval.key_metric}",
+        "",
+        f"{'module':<28}{'parameters':>12}",
+    ]
+    for name, child in model.named_children():
+        lines.append(f"{name:<28}{count_parameters(child):>12,}")
+        if name == "adapter":
+            lines += [f"  {sub:<26}{count_parameters(mod):>12,}" for sub, mod in child.named_children()]
+            lines += [f"  {p:<26}{t.numel():>12,}" for p, t in child.named_parameters(recurse=False)]
+    lines += [f"{n:<28}{p.numel():>12,}" for n, p in model.named_parameters(recurse=False)]
+    lines.append(f"trainable parameters: {count_parameters(model):,}")
+    return "\n".join(lines)
