@@ -1,0 +1,88 @@
+"""``r2 eval``: score a prediction file against an annotation file with the official metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from eval.metrics import evaluate
+from eval.predictions import read_predictions
+from eval.table import format_table
+from shards.annotations import infer_split, load_annotations
+from shards.datasets import DatasetSpec, dataset_names, get_dataset
+from shards.errors import R2Error
+
+
+class _SingleCommand(TyperGroup):
+    """A group that is only its callback: ``r2 eval [OPTIONS]`` (no sub-command in the usage line)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["subcommand_metavar"] = ""
+        super().__init__(*args, **kwargs)
+
+
+app = typer.Typer(cls=_SingleCommand, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=4)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split(spec: DatasetSpec, path: Path) -> str:
+    """The split named by the file name, else any valid split: scoring does not depend on it."""
+    split = infer_split(path)
+    return split if split in spec.splits else spec.splits[-1]
+
+
+@app.callback(invoke_without_command=True)
+def eval_command(
+    dataset: str = typer.Option(..., "--dataset", "-d", help=f"One of: {', '.join(dataset_names())}."),
+    predictions: Path = typer.Option(
+        ...,
+        "--predictions",
+        "-p",
+        help="Prediction JSON Lines (qid, pred_relevant_windows, pred_saliency_scores).",
+    ),
+    annotations: Path = typer.Option(
+        ..., "--annotations", "-a", help="The dataset's annotation file (same split)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the official metric keys as JSON instead of a table."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the metrics as JSON to this file."),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Score only the queries present in both files instead of failing."
+    ),
+) -> None:
+    """Score a prediction file with the dataset's official metrics (files are scored as given)."""
+    try:
+        spec = get_dataset(dataset)
+        ground_truth = load_annotations(spec.name, annotations, _split(spec, annotations))
+        metrics = evaluate(spec.name, read_predictions(predictions), ground_truth, allow_missing)
+        if out is not None:
+            _write_json(out, metrics)
+    except R2Error as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    except OSError as err:
+        typer.echo(f"error: cannot write {out}: {err.strerror}; choose a writable --out path", err=True)
+        raise typer.Exit(2) from err
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=4))
+    else:
+        typer.echo(format_table(metrics, title=f"{spec.title}: {predictions.name} vs {annotations.name}"))
