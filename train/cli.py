@@ -29,12 +29,17 @@ def train(
         [], "--set", help=f"Override a config key: --set optim.lr=1e-4 (aliases: {', '.join(ALIASES)})."
     ),
     store: Path | None = typer.Option(None, "--store", help="Feature store (Zarr) to train on."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder (config, logs, checkpoints)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run folder (config, logs, checkpoints); default runs/<preset>."
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last checkpoint."
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the model summary and exit (no store needed)."
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)."
     ),
 ) -> None:
     """Train R²-Tuning with a preset's reference hyper-parameters (see docs/model.md)."""
@@ -42,11 +47,12 @@ def train(
     if dry_run:
         typer.echo(model_summary(cfg))
         return
-    if store is None or out is None:
-        raise ConfigError("training needs --store (feature store) and --out (run folder); or use --dry-run")
+    if store is None:
+        raise ConfigError("training needs --store (a feature store); or use --dry-run")
     from train.trainer import train_run  # heavy imports (store, loader) only when training
 
-    result = train_run(cfg, store, out, resume=resume, device=cfg.train.device)
+    out = out or Path("runs") / cfg.preset
+    result = train_run(cfg, store, out, resume=resume, device=device or cfg.train.device)
     best = "no validation"
     if result.best_value is not None:
         best = f"best {result.key_metric} {result.best_value:.2f} at epoch {result.best_epoch}"
