@@ -1,0 +1,479 @@
+"""Streaming batches of queries grouped by video: the trainer's input.
+
+Each epoch walks a seeded shuffle of the videos. A small pool of ``videos_per_batch`` videos is
+kept in flight and every batch of ``batch_size`` queries is filled round-robin from the pool, so
+a batch mixes several videos (the in-batch contrastive losses need that) while each video's
+tokens are read once per epoch and shared by all its queries in a batch (TACoS has 100+ queries
+per video). When a pool video runs out of queries the next video takes its place.
+
+Memory: tokens held by the loader (pool, read-ahead and the videos of the batch being filled) stay
+under ``max_bytes`` (a single video larger than that is still read, alone). When the bound
+binds, a batch is emitted early with fewer queries. Nothing per video is kept beyond that, so peak
+memory does not grow with the store; only per-query annotations are held.
+
+Workers: with ``num_workers > 0`` a torch ``DataLoader`` runs one copy per worker process; the
+shuffled video list is split by worker id and each worker opens the store itself. Batches then
+come from the workers in turn, so their composition depends on ``num_workers`` (but is still
+reproducible for a given seed, epoch and worker count).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.schema import Query
+from shards.store import DTYPE, FeatureStore, Manifest, clamp_query, open_store
+
+
+class TokenSource(Protocol):
+    """What the loader reads: implemented by :class:`FeatureStore` and :class:`MemorySource`."""
+
+    manifest: Manifest
+
+    def video_ids(self) -> list[str]: ...
+    def video_length(self, vid: str) -> int: ...
+    def video_fps(self, vid: str) -> float: ...
+    def video_nbytes(self, vid: str) -> int: ...
+    def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray: ...
+    def map_video(self, vid: str) -> np.ndarray: ...
+    def has_query(self, qid: int | str) -> bool: ...
+    def read_query(self, qid: int | str) -> np.ndarray: ...
+    def annotations(self) -> list[Query]: ...
+
+
+class MemorySource:
+    """All tokens in RAM behind the :class:`TokenSource` interface (benchmark baseline, tests).
+
+    Args:
+        manifest: geometry of the tokens.
+        videos: video id -> tokens ``(T, k, P, C)`` float16.
+        fps: video id -> clips per second.
+        queries: query id -> tokens ``(L, k, Cq)`` float16.
+        annotations: the queries' annotations.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        videos: dict[str, np.ndarray],
+        fps: dict[str, float],
+        queries: dict[int | str, np.ndarray],
+        annotations: Sequence[Query],
+    ) -> None:
+        self.manifest = manifest
+        self._videos = videos
+        self._fps = fps
+        self._queries = queries
+        self._annotations = list(annotations)
+
+    @classmethod
+    def from_store(cls, store: FeatureStore) -> MemorySource:
+        """Read a whole store into RAM."""
+        vids = store.video_ids()
+        return cls(
+            store.manifest,
+            {v: store.read_video(v) for v in vids},
+            {v: store.video_fps(v) for v in vids},
+            {q: store.read_query(q) for q in store.query_ids()},
+            store.annotations(),
+        )
+
+    def video_ids(self) -> list[str]:
+        return sorted(self._videos)
+
+    def video_length(self, vid: str) -> int:
+        return self._videos[vid].shape[0]
+
+    def video_fps(self, vid: str) -> float:
+        return self._fps[vid]
+
+    def video_nbytes(self, vid: str) -> int:
+        return self._videos[vid].nbytes
+
+    def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored array itself (no copy) or a copy into ``out``."""
+        if out is None:
+            return self._videos[vid]
+        out[...] = self._videos[vid]
+        return out
+
+    def map_video(self, vid: str) -> np.ndarray:
+        """The stored array itself (no copy)."""
+        return self._videos[vid]
+
+    def has_query(self, qid: int | str) -> bool:
+        return qid in self._queries
+
+    def read_query(self, qid: int | str) -> np.ndarray:
+        return self._queries[qid]
+
+    def annotations(self) -> list[Query]:
+        return list(self._annotations)
+
+
+@dataclass
+class Batch:
+    """One batch of B queries over V distinct videos.
+
+    Attributes:
+        video: ``(V, T_max, k, P, C)`` float16 tokens, zero-padded in time.
+        video_mask: ``(V, T_max)`` bool, true on real clips.
+        video_index: ``(B,)`` long, the row of ``video`` each query belongs to.
+        query: ``(B, L_max, k, Cq)`` float16 tokens, zero-padded.
+        query_mask: ``(B, L_max)`` bool, true on real tokens.
+        fps: ``(V,)`` float32 clips per second of each video.
+        queries: the B annotations (moments clamped to ``T / fps`` seconds unless disabled).
+        vids: the V video ids, in row order.
+    """
+
+    video: torch.Tensor
+    video_mask: torch.Tensor
+    video_index: torch.Tensor
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    fps: torch.Tensor
+    queries: list[Query]
+    vids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        tensors = ("video", "video_mask", "video_index", "query", "query_mask", "fps")
+        return Batch(**{n: fn(getattr(self, n)) for n in tensors}, queries=self.queries, vids=self.vids)
+
+    def pin_memory(self) -> Batch:
+        """Pinned copy (used by ``DataLoader(pin_memory=True)``)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Copy of the batch with every tensor on ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class LoaderConfig:
+    """Knobs of the streaming loader.
+
+    Attributes:
+        batch_size: queries per batch (B).
+        videos_per_batch: pool size M, videos in flight that each batch draws from.
+        splits: splits to keep (``()`` keeps all).
+        shuffle: shuffle videos and the queries within each video every epoch.
+        seed: base seed; the epoch's order depends on ``(seed, epoch)``.
+        num_workers: DataLoader worker processes (0 = in the calling process).
+        prefetch_videos: videos read ahead by a background thread (0 = read on demand).
+        max_bytes: bound on video-token bytes held by one loader process.
+        clamp_moments: clamp moments to the decoded length ``T / fps`` (see :func:`clamp_query`).
+    """
+
+    batch_size: int = 32
+    videos_per_batch: int = 8
+    splits: tuple[str, ...] = ("train",)
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    prefetch_videos: int = 8
+    max_bytes: int = 2 << 30
+    clamp_moments: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.videos_per_batch < 1 or self.max_bytes < 1:
+            raise ValueError("batch_size, videos_per_batch and max_bytes must be positive")
+        if self.num_workers < 0 or self.prefetch_videos < 0:
+            raise ValueError("num_workers and prefetch_videos must be >= 0")
+        if isinstance(self.splits, str):
+            self.splits = (self.splits,)
+
+
+@dataclass
+class LoaderStats:
+    """Counters of one loader process over its last epoch."""
+
+    videos_read: int = 0
+    batches: int = 0
+    queries: int = 0
+    peak_bytes: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+class _Feed:
+    """Maps videos (``map_video``: read-only, page cache, no copy) in a fixed order, ``depth`` ahead
+    in a background thread that takes the disk wait, within a byte budget."""
+
+    def __init__(
+        self, source: TokenSource, vids: Sequence[str], depth: int, max_bytes: int, stats: LoaderStats
+    ):
+        self._source = source
+        self._vids = vids
+        self._next = 0
+        self._depth = max(depth, 1)
+        self._max_bytes = max_bytes
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="r2-read") if depth > 0 else None
+        self._pending: deque[tuple[str, int, Future[np.ndarray] | None]] = deque()
+        self._stats = stats
+        self.held = 0
+
+    def _fill(self) -> None:
+        while self._next < len(self._vids) and len(self._pending) < self._depth:
+            vid = self._vids[self._next]
+            size = self._source.video_nbytes(vid)
+            if self.held and self.held + size > self._max_bytes:
+                return
+            self.held += size
+            self._stats.peak_bytes = max(self._stats.peak_bytes, self.held)
+            future = self._pool.submit(self._source.map_video, vid) if self._pool else None
+            self._pending.append((vid, size, future))
+            self._next += 1
+
+    def take(self) -> tuple[str, int, np.ndarray] | None:
+        """The next video ``(vid, bytes, tokens)``, or ``None`` when done or the budget is full."""
+        self._fill()
+        if not self._pending:
+            return None
+        vid, size, future = self._pending.popleft()
+        tokens = future.result() if future is not None else self._source.map_video(vid)
+        self._stats.videos_read += 1
+        self._fill()
+        return vid, size, tokens
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Live:
+    vid: str
+    size: int
+    tokens: np.ndarray
+    todo: deque[Query]
+
+
+def _stack_padded(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-padded stack ``(N, max_len, ...)`` of ``arrays`` and its ``(N, max_len)`` bool mask."""
+    longest = max(a.shape[0] for a in arrays)
+    out = np.empty((len(arrays), longest, *arrays[0].shape[1:]), DTYPE)
+    mask = np.zeros((len(arrays), longest), bool)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = a
+        out[i, a.shape[0] :] = 0
+        mask[i, : a.shape[0]] = True
+    return out, mask
+
+
+class GroupedQueryDataset(IterableDataset):
+    """Iterable of :class:`Batch` over the selected queries of a store, grouped by video.
+
+    Args:
+        source: a store path (opened lazily in each process), an open :class:`FeatureStore`, or a
+            :class:`MemorySource`.
+        config: loader knobs.
+        query_filter: extra predicate on :class:`Query`; queries must also be in ``config.splits``
+            (when given) and have their video and query tokens in the source.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | TokenSource,
+        config: LoaderConfig | None = None,
+        query_filter: Callable[[Query], bool] | None = None,
+    ) -> None:
+        self.config = config or LoaderConfig()
+        self.epoch = 0
+        self.stats = LoaderStats()
+        self._source_arg = source
+        self._filter = query_filter
+        self._opened: tuple[int, TokenSource, list[Query], dict[str, int]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of ``epoch`` (call before iterating)."""
+        self.epoch = int(epoch)
+
+    def _open(self) -> tuple[TokenSource, list[Query], dict[str, int]]:
+        """Source and selected queries of this process (reopened after a fork)."""
+        if self._opened is None or self._opened[0] != os.getpid():
+            src = self._source_arg
+            source = open_store(src) if isinstance(src, str | Path) else src
+            selected, skipped = _select(source, self.config.splits, self._filter)
+            self._opened = (os.getpid(), source, selected, skipped)
+        return self._opened[1], self._opened[2], self._opened[3]
+
+    @property
+    def queries(self) -> list[Query]:
+        """The selected queries (one epoch yields each exactly once)."""
+        return self._open()[1]
+
+    def _video_order(self, selected: Sequence[Query]) -> tuple[list[str], dict[str, list[Query]]]:
+        groups: dict[str, list[Query]] = {}
+        if self.config.shuffle:
+            rng = np.random.default_rng([self.config.seed, self.epoch])
+            rank = rng.permutation(len(selected))
+            ordered = [selected[i] for i in np.argsort(rank, kind="stable")]
+        else:
+            ordered = list(selected)
+        for q in ordered:
+            groups.setdefault(q.vid, []).append(q)
+        vids = sorted(groups)
+        if self.config.shuffle:
+            vids = [vids[i] for i in rng.permutation(len(vids))]
+        return vids, groups
+
+    def __iter__(self) -> Iterator[Batch]:
+        source, selected, skipped = self._open()
+        self.stats = LoaderStats(skipped=dict(skipped))
+        vids, groups = self._video_order(selected)
+        info = get_worker_info()
+        if info is not None:
+            vids = vids[info.id :: info.num_workers]
+        cfg = self.config
+        feed = _Feed(source, vids, cfg.prefetch_videos, cfg.max_bytes, self.stats)
+        try:
+            yield from self._batches(source, feed, groups)
+        finally:
+            feed.close()
+
+    def _batches(self, source: TokenSource, feed: _Feed, groups: dict[str, list[Query]]) -> Iterator[Batch]:
+        cfg = self.config
+        pool: list[_Live] = []
+        members: dict[str, _Live] = {}
+        picks: list[tuple[Query, _Live]] = []
+        while True:
+            while len(pool) < cfg.videos_per_batch:
+                got = feed.take()
+                if got is None:
+                    break
+                vid, size, tokens = got
+                pool.append(_Live(vid, size, tokens, deque(groups[vid])))
+            if not pool:
+                if not picks:
+                    return
+                yield self._emit(source, feed, picks, members, pool)
+                continue
+            for live in list(pool):
+                picks.append((live.todo.popleft(), live))
+                members.setdefault(live.vid, live)
+                if not live.todo:
+                    pool.remove(live)
+                if len(picks) == cfg.batch_size:
+                    break
+            if len(picks) == cfg.batch_size:
+                yield self._emit(source, feed, picks, members, pool)
+
+    def _emit(
+        self,
+        source: TokenSource,
+        feed: _Feed,
+        picks: list[tuple[Query, _Live]],
+        members: dict[str, _Live],
+        pool: list[_Live],
+    ) -> Batch:
+        """Assemble the batch of ``picks``, then release the videos no longer needed."""
+        lives = list(members.values())
+        row = {live.vid: i for i, live in enumerate(lives)}
+        video, video_mask = _stack_padded([live.tokens for live in lives])
+        query, query_mask = _stack_padded([source.read_query(q.qid) for q, _ in picks])
+        fps = [source.video_fps(live.vid) for live in lives]
+        queries = [
+            clamp_query(q, live.tokens.shape[0], fps[row[live.vid]]) if self.config.clamp_moments else q
+            for q, live in picks
+        ]
+        batch = Batch(
+            video=torch.from_numpy(video),
+            video_mask=torch.from_numpy(video_mask),
+            video_index=torch.tensor([row[live.vid] for _, live in picks], dtype=torch.long),
+            query=torch.from_numpy(query),
+            query_mask=torch.from_numpy(query_mask),
+            fps=torch.tensor(fps, dtype=torch.float32),
+            queries=queries,
+            vids=[live.vid for live in lives],
+        )
+        in_pool = {id(live) for live in pool}
+        for live in lives:
+            if id(live) not in in_pool:
+                feed.release(live.size)
+        self.stats.batches += 1
+        self.stats.queries += len(picks)
+        picks.clear()
+        members.clear()
+        return batch
+
+
+def _select(
+    source: TokenSource, splits: Sequence[str], query_filter: Callable[[Query], bool] | None
+) -> tuple[list[Query], dict[str, int]]:
+    """Queries to serve, in annotation order, and counts of the skipped ones by reason."""
+    have_video = set(source.video_ids())
+    selected: list[Query] = []
+    skipped = {"split": 0, "filter": 0, "no video": 0, "no query tokens": 0}
+    for q in source.annotations():
+        if splits and q.split not in splits:
+            skipped["split"] += 1
+        elif query_filter is not None and not query_filter(q):
+            skipped["filter"] += 1
+        elif q.vid not in have_video:
+            skipped["no video"] += 1
+        elif not source.has_query(q.qid):
+            skipped["no query tokens"] += 1
+        else:
+            selected.append(q)
+    return selected, skipped
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class StreamingLoader:
+    """The trainer's loader: iterate it once per epoch; :meth:`set_epoch` changes the order.
+
+    With ``config.num_workers == 0`` batches are built in this process (a background thread reads
+    ahead); otherwise a torch ``DataLoader`` with that many worker processes is started per epoch.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | TokenSource,
+        config: LoaderConfig | None = None,
+        query_filter: Callable[[Query], bool] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = GroupedQueryDataset(source, config, query_filter)
+        self.config = self.dataset.config
+        self.pin_memory = pin_memory
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def num_queries(self) -> int:
+        """Queries per epoch."""
+        return len(self.dataset.queries)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.config.num_workers == 0:
+            for batch in self.dataset:
+                yield batch.pin_memory() if self.pin_memory else batch
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.config.num_workers,
+            collate_fn=_identity,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        yield from loader

@@ -1,0 +1,195 @@
+"""Integrity check of a feature store (``r2 shards verify``).
+
+Finds: leftover staging data of interrupted writes, videos or query parts whose metadata, shape
+or chunk files are wrong, checksum mismatches (unless ``checksums=False``), annotated queries
+whose video or query tokens are missing, and videos whose decoded clip count ``T`` differs from
+``duration × fps`` by more than ``max_clip_diff`` clips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shards.errors import StoreError
+from shards.store import QUERIES, VIDEOS, FeatureStore, RawArray, open_store
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding.
+
+    Attributes:
+        kind: ``partial-write`` (staging leftover) | ``bad-video`` (metadata, shape or chunk files) |
+            ``checksum`` | ``bad-query-part`` | ``missing-video`` | ``missing-query-tokens`` |
+            ``duration-mismatch``.
+        item: the video id, query id or part / staging name concerned.
+        detail: what is wrong, one line.
+    """
+
+    kind: str
+    item: str
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify_store`; ``ok`` when ``problems`` is empty."""
+
+    store: str
+    videos: int = 0
+    query_parts: int = 0
+    queries_with_tokens: int = 0
+    annotations: int = 0
+    checksums: bool = True
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_chunks(arr: RawArray, checksums: bool) -> str | None:
+    """Why the chunk files of ``arr`` are wrong, or ``None``."""
+    stored = arr.attrs.get("crc32")
+    if not isinstance(stored, list) or len(stored) != arr.num_chunks:
+        return f"attribute crc32 should list {arr.num_chunks} checksum(s), found {stored!r}"
+    if arr.fast:
+        expected = arr.chunk_rows * arr.row_nbytes
+        for index in range(arr.num_chunks):
+            chunk = arr.chunk_path(index)
+            if not chunk.is_file():
+                return f"chunk file {chunk.name} is missing"
+            size = chunk.stat().st_size
+            if size != expected:
+                return f"chunk file {chunk.name} has {size} bytes, expected {expected}"
+    if not checksums:
+        return None
+    try:
+        actual = arr.chunk_checksums()
+    except (StoreError, OSError, ValueError) as err:
+        return f"unreadable: {err}"
+    bad = [i for i, (a, b) in enumerate(zip(actual, stored, strict=True)) if a != b]
+    if bad:
+        pairs = ", ".join(f"chunk {i}: stored {stored[i]}, read {actual[i]}" for i in bad)
+        return f"checksum mismatch ({pairs})"
+    return None
+
+
+def _verify_videos(store: FeatureStore, report: VerifyReport, checksums: bool, progress: bool) -> None:
+    names = sorted(p.name for p in (store.path / VIDEOS).iterdir() if p.is_dir())
+    for vid in tqdm(names, desc="videos", unit="video", disable=None if progress else True):
+        report.videos += 1
+        if not store.has_video(vid):
+            report.problems.append(
+                Problem("bad-video", vid, "folder without zarr.json (partial video); rewrite it")
+            )
+            continue
+        try:
+            arr = store.video_array(vid)
+            fps = float(arr.attrs["fps"])
+        except (StoreError, KeyError, TypeError, ValueError) as err:
+            report.problems.append(Problem("bad-video", vid, f"unusable metadata: {err}"))
+            continue
+        if arr.attrs.get("num_clips") != arr.shape[0] or fps <= 0:
+            report.problems.append(
+                Problem("bad-video", vid, f"attributes {arr.attrs} disagree with shape {arr.shape}")
+            )
+            continue
+        why = _check_chunks(arr, checksums)
+        if why:
+            kind = "checksum" if why.startswith("checksum") else "bad-video"
+            report.problems.append(Problem(kind, vid, why))
+
+
+def _verify_queries(store: FeatureStore, report: VerifyReport, checksums: bool) -> set[int | str]:
+    """Check every query part; return the ids that have usable tokens."""
+    good: set[int | str] = set()
+    k, cq = store.manifest.query_shape
+    for path in sorted((store.path / QUERIES).iterdir()):
+        if not path.is_dir():
+            continue
+        report.query_parts += 1
+        try:
+            part = RawArray.load(path)
+            qids, lengths = part.attrs["qids"], part.attrs["lengths"]
+        except (StoreError, KeyError) as err:
+            report.problems.append(Problem("bad-query-part", path.name, f"unusable metadata: {err}"))
+            continue
+        why = None
+        if len(part.shape) != 3 or part.shape[1:] != (k, cq):
+            why = f"shape {part.shape}, the manifest says (N, {k}, {cq})"
+        elif len(qids) != len(lengths) or sum(lengths) != part.shape[0] or min(lengths, default=1) < 1:
+            why = f"{len(qids)} ids with {sum(lengths)} tokens in total do not fit {part.shape[0]} rows"
+        else:
+            why = _check_chunks(part, checksums)
+        if why:
+            kind = "checksum" if why.startswith("checksum") else "bad-query-part"
+            report.problems.append(Problem(kind, path.name, why))
+        else:
+            good.update(qids)
+    return good
+
+
+def _verify_annotations(
+    store: FeatureStore, report: VerifyReport, with_tokens: Iterable[int | str], max_clip_diff: float
+) -> None:
+    queries = store.annotations()
+    report.annotations = len(queries)
+    videos = set(store.video_ids())
+    with_tokens = set(with_tokens)
+    durations: dict[str, float] = {}
+    for q in queries:
+        if q.vid not in videos:
+            report.problems.append(
+                Problem("missing-video", str(q.qid), f"video {q.vid!r} is not in the store")
+            )
+        else:
+            durations[q.vid] = max(durations.get(q.vid, 0.0), float(q.duration))
+        if q.qid not in with_tokens:
+            report.problems.append(Problem("missing-query-tokens", str(q.qid), "no query tokens stored"))
+    for vid, duration in sorted(durations.items()):
+        try:
+            clips, fps = store.video_length(vid), store.video_fps(vid)
+        except (StoreError, KeyError, ValueError):
+            continue
+        expected = duration * fps
+        if abs(clips - expected) > max_clip_diff:
+            report.problems.append(
+                Problem(
+                    "duration-mismatch",
+                    vid,
+                    f"T={clips} clips but duration {duration:g} s x {fps:g} fps = {expected:g} clips "
+                    f"(differs by more than {max_clip_diff:g}; moments get clamped to T / fps)",
+                )
+            )
+
+
+def verify_store(
+    path: str | Path, *, checksums: bool = True, max_clip_diff: float = 3.0, progress: bool = False
+) -> VerifyReport:
+    """Check the store at ``path`` and return every problem found (never raises for damaged data).
+
+    Args:
+        path: store directory; :class:`StoreError` if it is not a store at all.
+        checksums: read all token bytes and compare their CRC-32 with the stored ones.
+        max_clip_diff: tolerated ``|T - duration * fps|`` in clips.
+        progress: show a tqdm bar over the videos.
+    """
+    store = open_store(path)
+    report = VerifyReport(store=str(store.path), checksums=checksums)
+    for name in store.staging_entries():
+        label = name.rpartition("+")[0] or name
+        report.problems.append(
+            Problem(
+                "partial-write", label, f"{name}: leftover of an interrupted (or running) write; rewrite it"
+            )
+        )
+    _verify_videos(store, report, checksums, progress)
+    with_tokens = _verify_queries(store, report, checksums)
+    report.queries_with_tokens = len(with_tokens)
+    _verify_annotations(store, report, with_tokens, max_clip_diff)
+    return report
