@@ -1,0 +1,119 @@
+"""``r2 extract``: videos + annotations -> CLIP token store (one typer command).
+
+Exit status: 0 every video is in the store; 1 some videos were skipped (listed in
+``<store>/failures.jsonl``); 2 user error (bad option, annotation file, weights, store).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from extract.config import SAMPLE_DATASET, ExtractConfig, sample_paths
+from extract.job import ExtractSummary, run_extraction
+from shards.errors import ConfigError, R2Error
+
+SAMPLE_STORE = Path("cache/sample.zarr")
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, subcommand_metavar="")
+
+
+def _parse_fps(value: str | None) -> float | None:
+    if value is None or value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--fps must be a number of frames per second or 'auto', got {value!r}") from None
+
+
+def _report(summary: ExtractSummary) -> None:
+    typer.echo(
+        f"store {summary.store}: {summary.extracted} video(s) extracted ({summary.frames} frames), "
+        f"{summary.already_done} already done, {len(summary.failures)} failed, "
+        f"{summary.queries_written} new queries, {summary.annotations} annotations, {summary.seconds:.1f} s"
+    )
+    if summary.random_weights:
+        typer.echo("note: the backbone has RANDOM weights; these features only test the pipeline")
+    if summary.failures:
+        for vid, reason in list(summary.failures.items())[:5]:
+            typer.echo(f"  failed {vid}: {reason}")
+        typer.echo(f"all {len(summary.failures)} failure(s) are listed in {summary.failures_file}")
+
+
+@app.callback(invoke_without_command=True)
+def extract(
+    dataset: str = typer.Option(
+        None, "--dataset", help="charades | qvhighlights | tacos | ego4d | youtube | tvsum"
+    ),
+    videos: Path = typer.Option(
+        None, "--videos", help="folder of <vid><suffix>.<mp4|mkv|webm|avi|mov> files"
+    ),
+    annotations: list[Path] = typer.Option(
+        None, "--annotations", help="annotation file; repeat for more splits"
+    ),
+    out: Path = typer.Option(None, "--out", help="store directory (resumed when it exists)"),
+    arch: str = typer.Option("ViT-B-32", help="ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336"),
+    pretrained: str = typer.Option(
+        None, help="openai (default), a .pt/.bin/.safetensors file, or random[:SEED] (default with --sample)"
+    ),
+    fps: str = typer.Option(None, help="frames per second, or 'auto' = the dataset's rate (default)"),
+    layers: int = typer.Option(4, help="k: last blocks kept from each tower"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    batch_size: int = typer.Option(32, help="frames per image-tower forward pass"),
+    workers: int = typer.Option(2, help="video decoding threads (per process)"),
+    scheduler: str = typer.Option(None, help="dask scheduler ADDRESS to fan out over, or 'local'"),
+    dask_workers: int = typer.Option(None, help="LocalCluster worker processes (default: one per GPU)"),
+    limit: int = typer.Option(None, help="only the first N videos of the annotations"),
+    seed: int = typer.Option(0, help="seed of random weights"),
+    cache_dir: str = typer.Option(None, help="where OpenAI weights are cached / downloaded"),
+    progress: bool = typer.Option(True, help="progress bar on stderr"),
+    sample: bool = typer.Option(False, "--sample", help=f"extract the embedded sample (into {SAMPLE_STORE})"),
+) -> None:
+    """Extract frozen CLIP tokens (last k blocks of both towers) of a dataset's videos and queries."""
+    try:
+        if sample:
+            sample_videos, sample_files = sample_paths()
+            dataset = dataset or SAMPLE_DATASET
+            videos = videos or sample_videos
+            annotations = annotations or sample_files
+            out = out or SAMPLE_STORE
+            pretrained = pretrained or "random"
+        missing = [
+            name
+            for name, value in (
+                ("--dataset", dataset),
+                ("--videos", videos),
+                ("--annotations", annotations),
+                ("--out", out),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (or pass --sample for the embedded sample)")
+        cfg = ExtractConfig(
+            dataset=dataset,
+            videos=videos,
+            annotations=list(annotations),
+            out=out,
+            arch=arch,
+            pretrained=pretrained or "openai",
+            fps=_parse_fps(fps),
+            layers=layers,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            scheduler=scheduler,
+            dask_workers=dask_workers,
+            limit=limit,
+            seed=seed,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        summary = run_extraction(cfg)
+    except R2Error as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    _report(summary)
+    raise typer.Exit(summary.exit_code)

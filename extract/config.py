@@ -1,0 +1,67 @@
+"""Settings of one extraction run, and where the embedded sample lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+"""File extensions tried, in this order, for ``<videos>/<vid><suffix><ext>``."""
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "sample"
+"""The embedded sample: two short real videos and Charades-STA-style annotations (see its README)."""
+SAMPLE_DATASET = "charades"
+
+
+def sample_paths() -> tuple[Path, list[Path]]:
+    """``(videos_dir, [train_file, test_file])`` of the embedded sample (dataset :data:`SAMPLE_DATASET`)."""
+    return SAMPLE_DIR, [SAMPLE_DIR / "charades_sample_train.jsonl", SAMPLE_DIR / "charades_sample_test.jsonl"]
+
+
+@dataclass
+class ExtractConfig:
+    """Everything :func:`extract.job.run_extraction` needs.
+
+    Attributes:
+        dataset: registry name (``charades``, ``qvhighlights``, ... see :mod:`shards.datasets`).
+        videos: folder holding ``<vid><suffix>.<ext>`` files.
+        annotations: annotation files (any splits; one store holds them all).
+        out: store directory (created, or resumed when its manifest matches).
+        arch: ``ViT-B-32`` | ``ViT-B-16`` | ``ViT-L-14`` | ``ViT-L-14-336``.
+        pretrained: ``openai``, a weights file, ``random`` or ``random:<seed>``.
+        fps: frames per second; ``None`` = the dataset's rate (per video from the annotations
+            when the dataset has none, e.g. YouTube Highlights).
+        layers: k, last blocks kept from each tower.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        batch_size: frames per forward pass of the image tower.
+        query_batch_size: sentences per forward pass of the text tower.
+        workers: decoding threads (each decodes one video at a time).
+        scheduler: dask scheduler address for a fan-out over an existing cluster, ``local`` for a
+            :class:`dask.distributed.LocalCluster`, ``None`` = in-process (a LocalCluster with one
+            worker per GPU is started automatically when several GPUs are visible).
+        dask_workers: worker processes of the LocalCluster (default: one per GPU).
+        limit: only the first N videos of the annotations (and their queries).
+        seed: seed of random weights.
+        cache_dir: where to look for / download OpenAI weights (default: Hugging Face cache).
+        progress: show a progress bar on stderr.
+    """
+
+    dataset: str
+    videos: Path
+    annotations: list[Path]
+    out: Path
+    arch: str = "ViT-B-32"
+    pretrained: str = "openai"
+    fps: float | None = None
+    layers: int = 4
+    device: str = "auto"
+    batch_size: int = 32
+    query_batch_size: int = 64
+    workers: int = 2
+    scheduler: str | None = None
+    dask_workers: int | None = None
+    limit: int | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+    progress: bool = True
+    extensions: tuple[str, ...] = field(default=VIDEO_EXTENSIONS)

@@ -1,0 +1,278 @@
+"""Decode a video with PyAV and sample CLIP-ready frames the way the reference does, in-process.
+
+The R²-Tuning reference runs the ffmpeg command line with the filter chain
+``fps=<rate>,scale=<w'>:<h'>,crop=<size>:<size>:<x>:<y>`` and reads ``rgb24`` frames. We run
+the *same* libavfilter graph inside PyAV, so the sampled instants (``fps`` filter, rounding
+"near": output frame ``n`` is the last input frame before ``(n + 0.5) / fps`` seconds), the
+bicubic swscale resize and the crop offsets (rounded down to even numbers in ``yuv420p``, as
+ffmpeg does) are byte-identical to the reference frames, without writing anything to disk.
+
+Like the ffmpeg command line we
+
+* shift timestamps by the container's start time (so the output grid starts at 0 s);
+* rotate frames that carry a display matrix (``transpose`` / ``hflip,vflip``, as players do).
+  Unlike the reference, which computes the target size from the *coded* width and height, we
+  compute it from the *displayed* (rotated) size, so portrait phone videos keep their aspect.
+
+Frames are streamed: only the current frame and the filter's small state are in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from shards.errors import VideoError
+
+TRUNCATION_TOLERANCE = 2.0
+"""Seconds of declared video that may be missing at the end before a file counts as truncated."""
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video's first video stream.
+
+    Attributes:
+        width, height: displayed size in pixels (after the rotation below).
+        rotation: counter-clockwise display rotation in degrees (0, 90, 180, 270).
+        duration: seconds (container duration when the stream has none), ``None`` if unknown.
+        rate: average frame rate in frames per second, ``None`` if unknown.
+        codec: decoder name, e.g. ``h264``.
+    """
+
+    width: int
+    height: int
+    rotation: int
+    duration: float | None
+    rate: float | None
+    codec: str
+
+
+def scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """Size ``(w', h')`` the reference scales to: short side ``size``, long ``int(long * size / short)``."""
+    if width > height:
+        return int(width * size / height), size
+    return size, int(height * size / width)
+
+
+def crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
+    """Top-left corner ``(x, y)`` of the centre crop, ``int((w' - size) / 2)`` as in the reference."""
+    return int((width - size) / 2), int((height - size) / 2)
+
+
+def _right_angle(rotation: float) -> int:
+    """Nearest multiple of 90 degrees in ``[0, 360)`` (counter-clockwise)."""
+    return int(round(rotation / 90.0)) % 4 * 90
+
+
+def _rotation_filters(rotation: int) -> list[tuple[str, str]]:
+    """libavfilter filters that display a frame with counter-clockwise ``rotation`` upright."""
+    return {
+        0: [],
+        90: [("transpose", "cclock")],
+        180: [("hflip", ""), ("vflip", "")],
+        270: [("transpose", "clock")],
+    }[rotation]
+
+
+class _FilterChain:
+    """A configured libavfilter graph ``buffer -> [rotate] -> [fps] -> scale -> crop -> rgb24 -> sink``."""
+
+    def __init__(
+        self,
+        frame: av.VideoFrame,
+        time_base: Fraction,
+        size: int,
+        fps: float | None,
+        rotation: int,
+    ) -> None:
+        width, height = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
+        sw, sh = scaled_size(width, height, size)
+        x, y = crop_offset(sw, sh, size)
+        self.graph = av.filter.Graph()
+        nodes = [
+            self.graph.add_buffer(
+                width=frame.width, height=frame.height, format=frame.format, time_base=time_base
+            )
+        ]
+        steps = list(_rotation_filters(rotation))
+        if fps is not None:
+            steps.append(("fps", str(float(fps))))
+        steps += [("scale", f"{sw}:{sh}"), ("crop", f"{size}:{size}:{x}:{y}"), ("format", "rgb24")]
+        nodes += [self.graph.add(name, args) for name, args in steps]
+        nodes.append(self.graph.add("buffersink"))
+        for a, b in zip(nodes, nodes[1:], strict=False):
+            a.link_to(b)
+        self.graph.configure()
+
+    def push(self, frame: av.VideoFrame | None) -> Iterator[np.ndarray]:
+        """Feed one frame (``None`` = end of stream); yield every frame that came out, ``(S, S, 3)`` uint8."""
+        self.graph.push(frame)
+        while True:
+            try:
+                out = self.graph.pull()
+            except (av.BlockingIOError, av.EOFError):
+                return
+            yield out.to_ndarray()
+
+
+def resize_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """Resize an RGB image so its short side is ``size`` (swscale bicubic) and centre-crop it.
+
+    The same ``scale`` + ``crop`` filters as the video path, applied to one ``(H, W, 3)`` uint8
+    image; returns ``(size, size, 3)`` uint8.
+    """
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    frame.pts = 0
+    chain = _FilterChain(frame, Fraction(1, 1), size, fps=None, rotation=0)
+    out = list(chain.push(frame)) + list(chain.push(None))
+    return out[0]
+
+
+def preprocess(frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """CLIP-normalise frames: ``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 on ``device``.
+
+    ``x / 255``, then ``(x - mean) / std`` per channel with the OpenAI CLIP constants. The
+    uint8 frames are moved to ``device`` first, so a GPU receives 4x fewer bytes.
+    """
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {tuple(x.shape)} {x.dtype}")
+    x = x.to(device if device is not None else "cpu").permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def _open(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Open ``path`` and return its container and first video stream; :class:`VideoError` when impossible."""
+    if not path.is_file():
+        raise VideoError(f"{path}: missing file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: empty file (0 bytes)")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as err:
+        raise VideoError(f"{path}: not a readable video ({_reason(err)})") from err
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise VideoError(f"{path}: no video stream (streams: {', '.join(kinds)})")
+    return container, container.streams.video[0]
+
+
+def _reason(err: BaseException) -> str:
+    """Short description of a PyAV error without the file name it repeats."""
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Read the first video stream's displayed size, rotation, duration and rate (decodes one frame).
+
+    Raises:
+        VideoError: missing, empty, undecodable or video-less file.
+    """
+    path = Path(path)
+    container, stream = _open(path)
+    with container:
+        try:
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as err:
+            raise VideoError(f"{path}: cannot decode the first frame ({_reason(err)})") from err
+        if first is None:
+            raise VideoError(f"{path}: the video stream has no frames")
+        rotation = _right_angle(first.rotation)
+        width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1e6
+        else:
+            duration = None
+        rate = float(stream.average_rate) if stream.average_rate else None
+        return VideoInfo(width, height, rotation, duration, rate, stream.codec_context.name)
+
+
+def _check_complete(
+    path: Path, stream: av.video.stream.VideoStream, offset: int, last_pts: int, last_duration: int | None
+) -> None:
+    """Raise :class:`VideoError` when decoding ended well before the end the stream declares.
+
+    A cut-off download whose index survived decodes without error (frame-threaded decoders
+    conceal the broken last packet), but stops early: more than ``max(2 s, 5 %)`` missing.
+    """
+    if stream.duration is None or not stream.time_base:
+        return
+    tb = stream.time_base
+    step = last_duration or (round(1 / (stream.average_rate * tb)) if stream.average_rate else 0)
+    declared = float((stream.duration + (stream.start_time or 0) - offset) * tb)
+    decoded = float((last_pts + step) * tb)
+    if declared - decoded > max(TRUNCATION_TOLERANCE, 0.05 * declared):
+        raise VideoError(
+            f"{path}: decoding stopped at {decoded:.2f} s but the video stream should last {declared:.2f} s; "
+            "the file is truncated"
+        )
+
+
+def sample_frames(path: str | Path, fps: float, size: int = 224) -> Iterator[np.ndarray]:
+    """Stream the frames the reference samples from ``path`` at ``fps`` frames per second.
+
+    Yields ``(size, size, 3)`` uint8 RGB frames, one per ``1 / fps`` seconds (about
+    ``round(duration * fps)`` frames): the last source frame before the middle of each clip,
+    resized so the short side is ``size`` (bicubic) and centre-cropped. Decoding is streamed:
+    memory does not grow with the video's length.
+
+    Raises:
+        VideoError: the file is missing, empty, not a video, has no video stream, fails to
+            decode (corrupt), or ends well before its declared duration (truncated); the
+            message names the file and the reason. Frames already yielded before the error
+            are not retracted (the caller discards the video).
+    """
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    path = Path(path)
+    container, stream = _open(path)
+    with container:
+        stream.thread_type = "AUTO"
+        time_base = stream.time_base or Fraction(1, 1000)
+        start = container.start_time or 0  # microseconds, removed like the ffmpeg command line does
+        offset = (start * time_base.denominator + time_base.numerator * 500_000) // (
+            time_base.numerator * 1_000_000
+        )
+        chain: _FilterChain | None = None
+        last_pts: int | None = None
+        last_duration: int | None = None
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                pts = frame.pts if frame.pts is not None else frame.dts
+                if pts is None:
+                    pts = 0 if last_pts is None else last_pts + 1
+                else:
+                    pts -= offset
+                last_pts = frame.pts = pts
+                last_duration = frame.duration
+                if chain is None:
+                    chain = _FilterChain(frame, time_base, size, fps, _right_angle(frame.rotation))
+                decoded += 1
+                yield from chain.push(frame)
+            if chain is None:
+                raise VideoError(f"{path}: the video stream has no frames")
+            _check_complete(path, stream, offset, last_pts, last_duration)
+            yield from chain.push(None)
+        except av.FFmpegError as err:
+            at = f" at {float(last_pts * time_base):.2f} s" if last_pts is not None else ""
+            raise VideoError(
+                f"{path}: decoding failed after {decoded} frames{at} ({_reason(err)}); "
+                "the file is truncated or corrupt"
+            ) from err

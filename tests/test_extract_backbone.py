@@ -1,0 +1,168 @@
+"""open_clip backbone: last-k tokens of both towers, weights sources and checksum (extract/backbone.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from extract.backbone import ClipBackbone, WeightsError, load_backbone, model_name, weights_sha256
+
+TEXTS = [
+    "a person opens the fridge.",
+    "dog",
+    "person sits on the floor holding a red cup and looks at the camera.",
+]
+
+
+@pytest.fixture(scope="module")
+def backbone() -> ClipBackbone:
+    return load_backbone("ViT-B-32", "random", layers=4, device="cpu", seed=0)
+
+
+def _manual_visual(model, images: torch.Tensor) -> list[torch.Tensor]:
+    """Reference forward, block by block: conv1 -> CLS + positions -> ln_pre -> residual blocks."""
+    v = model.visual
+    x = v.conv1(images).flatten(2).transpose(1, 2)  # (N, 49, 768)
+    cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+    x = v.ln_pre(torch.cat([cls, x], 1) + v.positional_embedding)
+    outs = []
+    for block in v.transformer.resblocks:
+        x = block(x)
+        outs.append(x)
+    return outs
+
+
+def _manual_text(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    x = model.token_embedding(ids) + model.positional_embedding
+    outs = []
+    for block in model.transformer.resblocks:
+        x = block(x, attn_mask=model.attn_mask)
+        outs.append(x)
+    return outs
+
+
+def test_architecture_and_shapes(backbone) -> None:
+    assert backbone.name == "ViT-B-32-quickgelu"
+    assert type(backbone.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert (backbone.frame_size, backbone.video_tokens, backbone.video_width, backbone.text_width) == (
+        224,
+        50,
+        768,
+        512,
+    )
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    assert not backbone.model.training
+
+
+@torch.inference_mode()
+def test_visual_tokens_equal_manual_forward_and_encode_image(backbone) -> None:
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 224, 224)
+    tokens = backbone.encode_frames(images)
+    assert tokens.shape == (2, 4, 50, 768) and tokens.dtype == torch.float32
+    manual = _manual_visual(backbone.model, images)
+    for j, block_out in enumerate(manual[-4:]):
+        torch.testing.assert_close(tokens[:, j], block_out, atol=1e-5, rtol=1e-5)
+    v = backbone.model.visual
+    pooled = v.ln_post(tokens[:, -1, 0]) @ v.proj
+    torch.testing.assert_close(pooled, backbone.model.encode_image(images), atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_text_tokens_equal_manual_forward_and_encode_text(backbone) -> None:
+    ids = backbone.tokenize(TEXTS)
+    tokens = backbone.encode_texts(TEXTS)
+    manual = _manual_text(backbone.model, ids)
+    m = backbone.model
+    eot = torch.stack([m.ln_final(t[-1, -1]) for t in tokens]) @ m.text_projection  # EOT = last kept position
+    torch.testing.assert_close(eot, m.encode_text(ids), atol=1e-5, rtol=1e-5)
+    for i, t in enumerate(tokens):
+        length = int((ids[i] != 0).sum())  # SOT .. EOT
+        assert t.shape == (length, 4, 512)
+        for j, block_out in enumerate(manual[-4:]):
+            torch.testing.assert_close(t[:, j], block_out[i, :length], atol=1e-5, rtol=1e-5)
+
+
+def test_long_text_is_truncated_to_77_tokens_ending_in_eot(backbone) -> None:
+    long_text = " ".join(["the person walks to the door and back"] * 20)
+    (tokens,) = backbone.encode_texts([long_text])
+    ids = backbone.tokenize([long_text])[0]
+    assert tokens.shape == (77, 4, 512)
+    assert int(ids[-1]) == int(ids.max())  # EOT kept at the last position
+    assert backbone.encode_texts([]) == []
+
+
+def test_layers_select_the_last_blocks(backbone) -> None:
+    images = torch.randn(1, 3, 224, 224)
+    two = dataclasses.replace(backbone, layers=2)
+    torch.testing.assert_close(two.encode_frames(images), backbone.encode_frames(images)[:, 2:])
+    (text2,), (text4,) = two.encode_texts(["dog"]), backbone.encode_texts(["dog"])
+    torch.testing.assert_close(text2, text4[:, 2:])
+
+
+def test_random_weights_depend_on_the_seed_only(backbone) -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    other = load_backbone("ViT-B-32", "random:1", device="cpu")
+    assert other.pretrained == "random:1" and backbone.pretrained == "random:0"
+    assert other.weights_sha256 != backbone.weights_sha256
+    same = {k: v.clone() for k, v in other.model.state_dict().items()}
+    assert not torch.equal(same["visual.conv1.weight"], backbone.model.state_dict()["visual.conv1.weight"])
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the global RNG is left alone
+    assert weights_sha256(backbone.model) == backbone.weights_sha256
+
+
+def test_local_weights_file_round_trip(backbone, tmp_path) -> None:
+    state = {k: v.clone().contiguous() for k, v in backbone.model.state_dict().items()}
+    path = tmp_path / "clip.safetensors"
+    save_file(state, str(path))
+    loaded = load_backbone("ViT-B/32", str(path), device="cpu", seed=99)
+    assert loaded.weights_sha256 == backbone.weights_sha256
+    assert loaded.pretrained == str(path.resolve())
+
+
+def test_mismatching_or_unreadable_weights_files(tmp_path) -> None:
+    torch.save({"state_dict": {"module.visual.proj": torch.zeros(768, 512)}}, tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match="do not fit ViT-B-32-quickgelu"):
+        load_backbone("ViT-B-32", str(tmp_path / "other.pt"), device="cpu")
+    (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read CLIP weights"):
+        load_backbone("ViT-B-32", str(tmp_path / "junk.bin"), device="cpu")
+
+
+def test_openai_weights_offline_give_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError) as info:
+        load_backbone("ViT-B-32", "openai", device="cpu", cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert "not cached" in message and "--pretrained PATH" in message and "--pretrained random" in message
+
+
+@pytest.mark.parametrize(
+    ("arch", "name"),
+    [
+        ("ViT-B-32", "ViT-B-32-quickgelu"),
+        ("ViT-B/16", "ViT-B-16-quickgelu"),
+        ("vit-l-14", "ViT-L-14-quickgelu"),
+        ("ViT-L/14@336px", "ViT-L-14-336-quickgelu"),
+        ("ViT-L-14-336-quickgelu", "ViT-L-14-336-quickgelu"),
+    ],
+)
+def test_architecture_names(arch, name) -> None:
+    assert model_name(arch) == name
+
+
+def test_bad_arguments_are_user_errors() -> None:
+    with pytest.raises(WeightsError, match="unknown architecture"):
+        model_name("RN50")
+    with pytest.raises(WeightsError, match="out of range"):
+        load_backbone("ViT-B-32", "random", layers=13)
+    with pytest.raises(WeightsError, match="not found"):
+        load_backbone("ViT-B-32", "/nonexistent/weights.pt")
+    with pytest.raises(WeightsError, match="random:<integer seed>"):
+        load_backbone("ViT-B-32", "random:x")

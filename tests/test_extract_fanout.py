@@ -1,0 +1,77 @@
+"""Fan-out over a dask LocalCluster of two worker processes into one store (extract/fanout.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from extract.backbone import load_backbone
+from extract.config import ExtractConfig
+from extract.fanout import split_tasks
+from extract.frames import preprocess, sample_frames
+from extract.job import run_extraction
+from extract.pipeline import VideoTask
+from extract.testing import make_video
+from shards.store import open_store
+from shards.verify import verify_store
+
+
+def test_split_tasks_balances_and_caps() -> None:
+    tasks = [VideoTask(f"v{i}", None, 1.0) for i in range(100)]
+    groups = split_tasks(tasks, workers=2)
+    assert [t.vid for g in groups for t in g] == [t.vid for t in tasks]
+    assert max(len(g) for g in groups) == 8
+    assert [len(g) for g in split_tasks(tasks[:3], workers=2)] == [1, 1, 1]
+
+
+def test_two_worker_processes_write_one_store(tmp_path) -> None:
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    make_video(folder / "a.mp4", frames=20, rate=10)  # 2 frames at 1 fps
+    make_video(folder / "b.mp4", width=48, height=64, frames=30, rate=10)  # 3 frames
+    (folder / "broken.mp4").write_text("not a video")
+    ann = tmp_path / "charades_test.jsonl"
+    rows = [
+        (0, "a", "a red square"),
+        (1, "b", "a green ramp"),
+        (2, "b", "blue light"),
+        (3, "broken", "nothing"),
+    ]
+    ann.write_text(
+        "\n".join(
+            json.dumps({"qid": q, "query": t, "duration": 2.0, "vid": v, "relevant_windows": [[0, 1]]})
+            for q, v, t in rows
+        )
+    )
+    cfg = ExtractConfig(
+        dataset="charades",
+        videos=folder,
+        annotations=[ann],
+        out=tmp_path / "s.zarr",
+        pretrained="random",
+        device="cpu",
+        scheduler="local",
+        dask_workers=2,
+        batch_size=4,
+        workers=1,
+        progress=False,
+    )
+    summary = run_extraction(cfg)
+    assert (summary.extracted, summary.frames, summary.queries_written) == (2, 5, 4)
+    assert set(summary.failures) == {"broken"} and "not a readable video" in summary.failures["broken"]
+    assert summary.exit_code == 1
+
+    # the workers built the same seeded backbone as this process does
+    local = load_backbone("ViT-B-32", "random", device="cpu")
+    store = open_store(cfg.out)
+    assert store.manifest.weights_sha256 == local.weights_sha256
+    assert store.video_ids() == ["a", "b"]
+    for vid in ("a", "b"):
+        frames = np.stack(list(sample_frames(folder / f"{vid}.mp4", 1.0)))
+        expected = local.encode_frames(preprocess(frames)).numpy()
+        np.testing.assert_allclose(store.read_video(vid).astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    (tokens,) = local.encode_texts(["blue light"])
+    np.testing.assert_allclose(store.read_query(2).astype(np.float32), tokens.numpy(), rtol=2e-3, atol=2e-3)
+    assert sorted(q.qid for q in store.annotations()) == [0, 1, 2]
+    assert verify_store(cfg.out).ok
