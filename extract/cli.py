@@ -7,12 +7,15 @@ Exit status: 0 every video is in the store; 1 some videos were skipped (listed i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from extract.config import SAMPLE_DATASET, ExtractConfig, sample_paths
-from extract.job import ExtractSummary, run_extraction
 from shards.errors import ConfigError, R2Error
+
+if TYPE_CHECKING:
+    from extract.job import ExtractSummary
 
 SAMPLE_STORE = Path("cache/sample.zarr")
 
@@ -111,6 +114,8 @@ def extract(
             cache_dir=cache_dir,
             progress=progress,
         )
+        from extract.job import run_extraction  # imports open_clip: only when extracting
+
         summary = run_extraction(cfg)
     except R2Error as err:
         typer.echo(f"error: {err}", err=True)

@@ -1,6 +1,6 @@
 """``r2 train``: train the R² model on a feature store (``--dry-run``: show the model and stop).
 
-Training itself is :func:`train.trainer.train_run`; the device is ``train.device`` (``--set device=cuda``).
+Training itself is :func:`train.trainer.train_run`; the device is ``--device`` or else ``train.device``.
 
 ``app`` is a typer app whose *callback* is the command (no sub-commands), so that
 ``add_typer(app, name="train")`` gives ``r2 train --preset NAME ...`` directly.

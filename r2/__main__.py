@@ -1,0 +1,3 @@
+from r2.cli import main
+
+main()

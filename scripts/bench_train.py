@@ -1,0 +1,322 @@
+"""Benchmark of the trainer's data path and training speed on synthetic stores.
+
+For two store shapes -- QVHighlights (T=75, k=4, P=50, C=768, 2 queries per video) and TACoS
+(T=150, same tokens, 140 queries per video) -- built with :func:`train.synthetic.make_synthetic_store`:
+
+1. samples/s (queries/s) the streaming loader delivers from the store (cold: page cache dropped with
+   ``posix_fadvise(DONTNEED)``; warm: right after), from RAM (:class:`shards.loader.MemorySource`)
+   and reference-style (one ``np.load`` of ``<vid>.npy`` and of ``<qid>.npy`` per query, then padded
+   per-query stacking as the reference collate does; cold), all on the same videos;
+2. the loader over the whole store (cold);
+3. full training samples/s on CPU (loader -> model inputs -> forward/backward/AdamW, D=256).
+
+Then the peak RSS of a 1-epoch ``train_run`` over stores of 1k and 10k small videos, each in a
+fresh subprocess (``VmHWM``: the peak RSS of the child image, i.e. its ``ru_maxrss`` without the
+parent's pages that Linux would carry over the fork).
+
+Every rate is the best of 3 passes (store and RAM passes interleaved): the machine is shared.
+Prints a markdown report (pasted into ``docs/training.md``).
+
+    python scripts/bench_train.py                 # full: 200 videos per shape (~14 GB of disk)
+    python scripts/bench_train.py --quick         # smoke run (small stores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards.datasets import get_dataset
+from shards.loader import LoaderConfig, MemorySource, StreamingLoader
+from shards.store import open_store
+from train.batching import model_inputs
+from train.step import build_state, train_step
+from train.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from train.trainer import train_run
+
+QVH = SyntheticSpec(
+    n_videos=200, clips=75, layers=4, tokens=50, width=768, text_width=512, query_len=12,
+    queries_per_video=2, min_len=2, max_len=20, disjoint=False, dataset="qvhighlights", backbone="ViT-B-32",
+)
+TACOS = dataclasses.replace(QVH, clips=150, query_len=10, queries_per_video=140, dataset="tacos")
+RSS = SyntheticSpec(n_videos=1000, clips=16, layers=2, tokens=4, width=32, text_width=32, query_len=6,
+                    queries_per_video=2, max_len=4, backbone="synthetic-rss")
+RSS_OVERRIDES = ["model.dims=32", "model.heads=4", "batch_size=128", "train.pool_size=16",
+                 "train.num_workers=0", "epochs=1", "warmup=0"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def machine() -> str:
+    """CPU model, usable cores, RAM, torch version and threads."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    names = (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    cpu = next(names, platform.processor())
+    cores = len(os.sched_getaffinity(0))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {cores} usable cores, {ram:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def drop_cache(root: Path) -> None:
+    """Evict every file under ``root`` from the page cache (no privileges needed)."""
+    os.sync()
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def rate(batches: Iterator, limit_s: float) -> tuple[float, int]:
+    """(queries per second, queries) over ``batches`` (objects with ``len``), stopping after ``limit_s``."""
+    start, n = time.perf_counter(), 0
+    for batch in batches:
+        n += len(batch)
+        if time.perf_counter() - start > limit_s:
+            break
+    return n / (time.perf_counter() - start), n
+
+
+# ------------------------------------------------------------------------- reference-style baseline
+
+
+def write_npy(store_path: Path, vids: list[str], root: Path) -> None:
+    """One ``<vid>.npy`` per video and ``<qid>.npy`` per query, as the reference caches them."""
+    store = open_store(store_path)
+    (root / "vid").mkdir(parents=True)
+    (root / "txt").mkdir()
+    for vid in vids:
+        np.save(root / "vid" / f"{vid}.npy", store.read_video(vid))
+    for q in store.annotations():
+        if q.vid in vids:
+            np.save(root / "txt" / f"{q.qid}.npy", store.read_query(q.qid))
+
+
+def _pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.zeros((len(arrays), max(a.shape[0] for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = a
+    return out
+
+
+class _NpyBatch:
+    def __init__(self, video: torch.Tensor, query: torch.Tensor) -> None:
+        self.video, self.query = video, query
+
+    def __len__(self) -> int:
+        return self.video.size(0)
+
+
+def npy_batches(root: Path, queries: list, batch_size: int, seed: int = 0) -> Iterator[_NpyBatch]:
+    """Reference-style batches: every query loads its video file and its query file, then padded stacking."""
+    order = np.random.default_rng(seed).permutation(len(queries))
+    for start in range(0, len(order), batch_size):
+        picked = [queries[i] for i in order[start : start + batch_size]]
+        videos = [np.load(root / "vid" / f"{q.vid}.npy") for q in picked]
+        texts = [np.load(root / "txt" / f"{q.qid}.npy") for q in picked]
+        yield _NpyBatch(torch.from_numpy(_pad_stack(videos)), torch.from_numpy(_pad_stack(texts)))
+
+
+# ------------------------------------------------------------------------------------------ benches
+
+
+def epochs(loader: StreamingLoader, count: int) -> Iterator:
+    """``count`` epochs of ``loader`` back to back (longer passes: steadier rates on a shared machine)."""
+    for epoch in range(count):
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def best_rate(make: Callable[[], Iterator], rounds: int, limit_s: float, cold: Path | None = None) -> float:
+    """Best queries/s of ``rounds`` passes (page cache of ``cold`` dropped before each pass when given)."""
+    best = 0.0
+    for _ in range(rounds):
+        if cold is not None:
+            drop_cache(cold)
+        best = max(best, rate(make(), limit_s)[0])
+    return best
+
+
+def bench_loader(spec: SyntheticSpec, root: Path, subset: int, batch: int, pools: list[int],
+                 limit_s: float, rounds: int) -> dict:
+    """Loader samples/s on ``subset`` videos: store (cold and warm page cache), RAM, reference-style
+    .npy (cold); then over the whole store (cold). Best of ``rounds`` passes each."""
+    store_path = root / f"{spec.dataset}.zarr"
+    start = time.perf_counter()
+    make_synthetic_store(store_path, spec)
+    built = time.perf_counter() - start
+    store = open_store(store_path)
+    vids = store.video_ids()[:subset]
+    keep = set(vids)
+    queries = [q for q in store.annotations() if q.vid in keep]
+    npy_root = root / f"{spec.dataset}_npy"
+    write_npy(store_path, vids, npy_root)
+    ram = MemorySource(
+        store.manifest,
+        {v: store.read_video(v) for v in vids},
+        {v: store.video_fps(v) for v in vids},
+        {q.qid: store.read_query(q.qid) for q in queries},
+        queries,
+    )
+    repeat = max(1, 200 // len(queries))  # passes of >= 200 queries
+    result = {"videos": spec.n_videos, "queries": spec.n_videos * spec.queries_per_video, "subset": subset,
+              "subset_queries": len(queries), "build_s": built, "gb": _size(store_path) / 1e9, "pools": {}}
+    for pool in pools:
+        cfg = LoaderConfig(batch_size=batch, videos_per_batch=pool, seed=0)
+
+        def from_store(cfg: LoaderConfig = cfg) -> Iterator:
+            return epochs(StreamingLoader(store_path, cfg, query_filter=lambda q: q.vid in keep), repeat)
+
+        def from_ram(cfg: LoaderConfig = cfg) -> Iterator:
+            return epochs(StreamingLoader(ram, cfg), repeat)
+
+        row = {"ram": 0.0, "warm": 0.0}
+        for _ in range(rounds):  # interleaved, so both see the same load of the shared machine
+            row["ram"] = max(row["ram"], best_rate(from_ram, 1, limit_s))
+            row["warm"] = max(row["warm"], best_rate(from_store, 1, limit_s))
+        row["cold"] = best_rate(from_store, rounds, limit_s, cold=store_path)
+        result["pools"][pool] = row
+    result["npy"] = best_rate(lambda: npy_batches(npy_root, queries, batch), rounds, limit_s, cold=npy_root)
+    drop_cache(store_path)
+    full_cfg = LoaderConfig(batch_size=batch, videos_per_batch=pools[0], seed=1)
+    result["full_store"], result["full_queries"] = rate(StreamingLoader(store_path, full_cfg), limit_s * 4)
+    shutil.rmtree(npy_root)
+    return result
+
+
+def bench_training(spec: SyntheticSpec, root: Path, preset: str, batch: int, pool: int, steps: int) -> dict:
+    """Training samples/s on CPU with the preset's model (D=256): loader -> inputs -> optimizer step."""
+    cfg = synthetic_run_config(spec, preset, [f"batch_size={batch}", f"train.pool_size={pool}",
+                                              "train.num_workers=0"])
+    state = build_state(cfg, "cpu")
+    loader = StreamingLoader(root / f"{spec.dataset}.zarr",
+                             LoaderConfig(batch_size=batch, videos_per_batch=pool, clamp_moments=False))
+    dataset = get_dataset(cfg.dataset)
+    generator = torch.Generator().manual_seed(0)
+    timed = n = 0
+    start = time.perf_counter()
+    for i, b in enumerate(loader):
+        if i == 1:  # the first step warms up allocators and kernels
+            start, n = time.perf_counter(), 0
+        train_step(state, model_inputs(b, dataset, cfg.model.layers, state.device, generator))
+        n += len(b)
+        timed = i
+        if i >= steps:
+            break
+    return {"batch": batch, "steps": timed, "samples_per_s": n / (time.perf_counter() - start)}
+
+
+def rss_child(store_path: str, out_dir: str) -> None:
+    """Subprocess body: one epoch of ``train_run`` (tiny model); print queries and peak RSS in MB."""
+    torch.set_num_threads(1)
+    cfg = synthetic_run_config(RSS, "tacos", RSS_OVERRIDES)
+    result = train_run(cfg, store_path, out_dir, progress=False)
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"queries": result.history[0]["samples"], "rss_mb": hwm_kb / 1024}))
+
+
+def bench_rss(root: Path, sizes: tuple[int, int]) -> list[dict]:
+    """Peak RSS of a 1-epoch training run over stores of ``sizes`` small videos, each in a fresh process."""
+    out = []
+    for n in sizes:
+        path = root / f"rss_{n}.zarr"
+        make_synthetic_store(path, dataclasses.replace(RSS, n_videos=n))
+        done = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(path), str(root / f"rss_run_{n}")],
+            check=True, capture_output=True, text=True,
+        )
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        out.append({"videos": n, "store_mb": _size(path) / 1e6, **child})
+        shutil.rmtree(path)
+    return out
+
+
+def _size(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def report(loader: dict[str, dict], training: dict[str, dict], rss: list[dict], seconds: float) -> str:
+    lines = [f"Machine: {machine()}. Total bench time {seconds / 60:.1f} min.", ""]
+    lines += [
+        "| shape | videos used (store GB) | pool | store cold q/s | store warm q/s | RAM q/s | warm / RAM "
+        "| reference .npy cold q/s | store cold / .npy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in loader.items():
+        for pool, p in r["pools"].items():
+            lines.append(
+                f"| {name} | {r['subset']} of {r['videos']} ({r['gb']:.1f}) | {pool} | {p['cold']:,.0f} | "
+                f"{p['warm']:,.0f} | {p['ram']:,.0f} | {p['warm'] / p['ram']:.2f} | {r['npy']:,.1f} "
+                f"| {p['cold'] / r['npy']:.1f} |"
+            )
+    lines += ["", "| shape | whole-store loader q/s (cold) | queries | store build s |", "|---|---|---|---|"]
+    for name, r in loader.items():
+        lines.append(f"| {name} | {r['full_store']:,.0f} | {r['full_queries']:,} | {r['build_s']:.0f} |")
+    lines += ["", "| shape | training batch | timed steps | training samples/s (CPU, D=256) |",
+              "|---|---|---|---|"]
+    for name, t in training.items():
+        lines.append(f"| {name} | {t['batch']} | {t['steps']} | {t['samples_per_s']:.2f} |")
+    lines += ["", "| videos | queries | store MB | peak RSS MB (1-epoch train_run) |", "|---|---|---|---|"]
+    for r in rss:
+        lines.append(f"| {r['videos']:,} | {r['queries']:,} | {r['store_mb']:.0f} | {r['rss_mb']:.0f} |")
+    lines.append(f"\nRSS ratio {rss[-1]['videos']:,} / {rss[0]['videos']:,} videos: "
+                 f"{rss[-1]['rss_mb'] / rss[0]['rss_mb']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small stores (smoke run)")
+    parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--rss-child", nargs=2, metavar=("STORE", "RUN_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
+    start = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="bench_train_", dir=args.root))
+    try:
+        quick = args.quick
+        qvh = dataclasses.replace(QVH, n_videos=12 if quick else 200)
+        tacos = dataclasses.replace(TACOS, n_videos=6 if quick else 200)
+        limit, rounds = (10.0, 1) if quick else (30.0, 3)
+        loader = {
+            "QVHighlights (T=75, 2 q/video)": bench_loader(qvh, root, 6 if quick else 40, 32, [8, 32],
+                                                           limit, rounds),
+            "TACoS (T=150, 140 q/video)": bench_loader(tacos, root, 3 if quick else 32, 32, [8, 32],
+                                                       limit, rounds),
+        }
+        steps = 2 if quick else 6
+        training = {
+            "QVHighlights": bench_training(qvh, root, "qvhighlights", 8, 8, steps),
+            "TACoS": bench_training(tacos, root, "tacos", 8, 2, steps),
+        }
+        rss = bench_rss(root, (100, 1000) if quick else (1000, 10000))
+        print(report(loader, training, rss, time.perf_counter() - start))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Shared data pass: K models on one read of the data equal K separate ``train_run`` runs; grouping rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from train.checkpoint import read_checkpoint
+from train.config import get_preset
+from train.shared_pass import data_key, group_requests, max_models, model_bytes, run_shared_trials
+from train.sweep_config import request_config
+from train.sweep_trials import TrialRequest, trial_hash
+from train.synthetic import SyntheticSpec, make_synthetic_store
+from train.trainer import train_run
+
+TINY = ["epochs=2", "batch_size=4", "model.dims=32", "model.heads=4", "model.layers=2", "warmup=2",
+        "train.num_workers=0"]
+TIMING = {"samples_per_s", "train_seconds", "val_samples_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("shared") / "tiny.zarr"
+    make_synthetic_store(path, SyntheticSpec(n_videos=6, n_heldout=2, clips=16, dataset="tacos"))
+    return str(path)
+
+
+def _request(index: int, root: Path, store: str, extra: list[str]) -> TrialRequest:
+    overrides = dict(item.split("=", 1) for item in TINY + extra)
+    name = f"t{index}-{trial_hash('tacos', overrides)}"
+    return TrialRequest(index, name, str(root / name), "tacos", store, overrides, {}, device="cpu")
+
+
+def _log(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_shared_pass_equals_separate_runs_with_the_same_seeds(store, tmp_path):
+    extras = [["lr=1e-3", "model.dropout=0.5"], ["lr=3e-3", "model.dropout=0.2", "loss_sal=0.5"]]
+    requests = [_request(i, tmp_path / "shared", store, extra) for i, extra in enumerate(extras)]
+    records = run_shared_trials(requests)
+    assert [(r.status, r.shared) for r in records] == [("ok", 2), ("ok", 2)], [r.error for r in records]
+
+    for request, record in zip(requests, records, strict=True):
+        alone = tmp_path / "separate" / request.name
+        result = train_run(request_config(request), store, alone, device="cpu", progress=False)
+        shared = Path(request.trial_dir)
+        assert record.metrics == {**result.best_metrics, "best_epoch": result.best_epoch, "epochs": 2}
+        assert _log(shared) == _log(alone)
+        assert json.loads((shared / "best.json").read_text()) == json.loads((alone / "best.json").read_text())
+        for name in ("last.pt", "best.pt"):
+            a, b = read_checkpoint(shared / name), read_checkpoint(alone / name)
+            assert a.state_dict.keys() == b.state_dict.keys()
+            assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict), name
+        rngs = [read_checkpoint(run / "last.pt").meta["rng"]["torch"] for run in (shared, alone)]
+        assert torch.equal(*rngs)
+    first, second = (read_checkpoint(Path(r.trial_dir) / "last.pt").state_dict for r in requests)
+    assert not all(torch.equal(first[k], second[k]) for k in first)   # the two trials really differ
+
+
+def test_grouping_follows_the_data_settings_and_the_slots(store, tmp_path):
+    lrs = ["1e-3", "2e-3", "3e-3", "4e-3"]
+    same = [_request(i, tmp_path, store, [f"lr={lr}"]) for i, lr in enumerate(lrs)]
+    other_batch = _request(4, tmp_path, store, ["batch_size=2"])
+    loader_workers = _request(5, tmp_path, store, ["lr=5e-3", "train.num_workers=1"])
+    pending = [*same, other_batch, loader_workers]
+    assert data_key(request_config(same[0])) == data_key(request_config(same[3]))
+    assert data_key(request_config(same[0])) != data_key(request_config(other_batch))
+
+    def indices(tasks):
+        return [[r.index for r in task] for task in tasks]
+
+    assert indices(group_requests(pending, slots=1, mode="auto")) == [[0, 1, 2, 3], [4], [5]]
+    assert indices(group_requests(pending, slots=2, mode="auto")) == [[0, 1], [2, 3], [4], [5]]
+    assert indices(group_requests(pending, slots=4, mode="auto")) == [[0], [1], [2], [3], [4], [5]]
+    assert indices(group_requests(pending, slots=4, mode="on")) == [[0, 1, 2, 3], [4], [5]]
+    assert indices(group_requests(pending, slots=1, mode="off")) == [[i] for i in range(6)]
+    Path(same[1].trial_dir).mkdir(parents=True)
+    (Path(same[1].trial_dir) / "last.pt").write_bytes(b"")          # an interrupted trial resumes alone
+    assert indices(group_requests(pending, slots=1, mode="on")) == [[0, 2, 3], [1], [4], [5]]
+
+
+def test_memory_bound_limits_the_models_per_pass(store):
+    cfg = request_config(_request(0, Path("/unused"), store, []))
+    one = model_bytes(cfg, 16)
+    assert one > 16 * 30_000          # at least the weights + optimizer state of the tiny model
+    assert max_models(cfg, 16, budget=10 * one) in (9, 10)
+    assert max_models(cfg, 16, budget=one // 2) == 1
+
+
+def test_cli_sweep_on_the_real_trainer_with_a_shared_pass(store, tmp_path):
+    from train.sweep_cli import app
+
+    out = tmp_path / "sweep"
+    fixed = [a for item in TINY if item != "epochs=2" for a in ("--set", item)]
+    args = ["--preset", "tacos", "--store", store, "--out", str(out), "--workers", "0", "--shared-pass", "on",
+            "--grid", "lr=1e-3,3e-3", "--set", "epochs=1", *fixed]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "shared x2" in result.output
+    assert "r2 train --preset tacos --store" in result.output and "--set lr=" in result.output
+    assert "--arch synthetic-tiny" in result.output
+    saved = json.loads((out / "results.json").read_text())
+    key = get_preset("tacos").eval.key_metric
+    assert saved["key_metric"] == key and key in saved["trials"][0]["metrics"]
+    assert [t["status"] for t in saved["trials"]] == ["ok", "ok"]
+    assert (out / "sweep.png").is_file() and (out / "results.csv").is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("reused") >= 2

@@ -1,0 +1,181 @@
+"""The training loop on tiny synthetic stores: run directory, resume, refusals, schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.predictions import read_predictions
+from shards.errors import CheckpointError, ConfigError, StoreError
+from train.api import Grounder
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.config import RunConfig, get_preset
+from train.model import R2Tuning
+from train.runlog import RunDirError, read_metrics
+from train.schedule import LrSchedule
+from train.step import build_state, resolve_device
+from train.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from train.trainer import train_run
+
+SPEC = SyntheticSpec(n_videos=10, n_heldout=3, clips=16, layers=2, max_len=5, seed=3)
+OVERRIDES = [
+    "model.dims=32",
+    "model.heads=4",
+    "batch_size=6",
+    "train.pool_size=4",
+    "train.num_workers=0",
+    "warmup=3",
+    "lr=1e-3",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and the CI machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
+    make_synthetic_store(path, SPEC)
+    return path
+
+
+def _cfg(epochs: int, *extra: str) -> RunConfig:
+    return synthetic_run_config(SPEC, "tacos", [*OVERRIDES, f"epochs={epochs}", *extra])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_run_writes_config_metrics_checkpoints_and_predictions(store, tmp_path):
+    cfg = _cfg(2)
+    result = train_run(cfg, store, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert RunConfig.from_dict(json.loads((run / "config.json").read_text())).to_dict() == cfg.to_dict()
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        losses = {"loss", "loss_cls", "loss_reg", "loss_sal", "loss_video_cal", "loss_layer_cal"}
+        assert set(r["train"]) >= losses
+        assert r["samples_per_s"] > 0 and r["lr"] > 0 and "MR-full-R1@0.5" in r["val"]
+    assert records[0]["samples"] == 14  # 7 training videos x 2 queries
+    best = json.loads((run / "best.json").read_text())
+    assert best["key_metric"] == "MR-full-R1@0.5" == result.key_metric
+    assert best["value"] == result.best_value == max(r["val"]["MR-full-R1@0.5"] for r in records)
+    preds = read_predictions(run / "val_preds.jsonl")
+    assert sorted(p.qid for p in preds) == list(range(14, 20))  # the 3 held-out videos
+    assert all(p.windows is not None and p.windows.shape[1] == 3 for p in preds)
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    assert not list(run.glob(".*.tmp"))  # no temporary files left behind
+    for name in ("last.pt", "best.pt"):
+        payload = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert payload["meta"]["store"]["weights_sha256"] == "synthetic-3"
+    grounder = Grounder.from_checkpoint(run / "best.pt")
+    assert grounder.cfg.model.dims == 32
+
+
+def test_resume_continues_exactly(store, tmp_path):
+    straight = train_run(_cfg(3), store, tmp_path / "a", progress=False)
+    train_run(_cfg(1), store, tmp_path / "b", progress=False)
+    resumed = train_run(_cfg(3), store, tmp_path / "b", resume=True, progress=False)
+    a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    drop = ("samples_per_s", "train_seconds", "val_samples_per_s")
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in straight.history]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in resumed.history]
+    assert strip[2]["train"]["loss"] != strip[1]["train"]["loss"]  # the epochs really differ
+
+
+def test_refuses_a_non_empty_run_dir_without_resume(store, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not empty.*--resume"):
+        train_run(_cfg(1), store, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_checkpoint_on_resume_is_a_clear_error(store, tmp_path):
+    train_run(_cfg(1), store, tmp_path / "run", progress=False)
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train_run(_cfg(2), store, tmp_path / "run", resume=True, progress=False)
+
+
+def test_checkpoint_of_another_preset_is_refused(store, tmp_path):
+    hd = synthetic_run_config(SPEC, "tvsum_BK", ["model.dims=32", "model.heads=4"])
+    run = tmp_path / "run"
+    meta = {"train_state": {}, "rng": {}, "store": {}}
+    save_checkpoint(run / "last.pt", R2Tuning(hd.model, hd.loss), hd, meta)
+    with pytest.raises(CheckpointError, match="preset 'tvsum_BK', not 'tacos'"):
+        train_run(_cfg(2), store, run, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="does not fit preset 'tacos'"):
+        load_checkpoint(run / "last.pt", cfg=_cfg(2))
+
+
+def test_resume_with_another_config_is_refused(store, tmp_path):
+    train_run(_cfg(1), store, tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match=r"optim.lr=0.001 -> 0.002"):
+        train_run(_cfg(2, "lr=2e-3"), store, tmp_path / "run", resume=True, progress=False)
+
+
+def test_incompatible_store_is_refused(store, tmp_path):
+    train_run(_cfg(1), store, tmp_path / "run", progress=False)
+    other = tmp_path / "other.zarr"
+    make_synthetic_store(other, SyntheticSpec(**{**SPEC.__dict__, "seed": 4}))
+    with pytest.raises(StoreError, match="weights_sha256 is 'synthetic-4' in the store but 'synthetic-3'"):
+        train_run(_cfg(2), other, tmp_path / "run", resume=True, progress=False)
+    wrong_layers = synthetic_run_config(SPEC, "tacos", [*OVERRIDES, "model.layers=3"])
+    with pytest.raises(StoreError, match="holds 2 layers but model.layers is 3"):
+        train_run(wrong_layers, store, tmp_path / "fresh", progress=False)
+    with pytest.raises(StoreError, match="backbone is 'synthetic-tiny' but model.arch is 'ViT-B-32'"):
+        train_run(get_preset("tacos"), store, tmp_path / "fresh2", progress=False)
+
+
+def test_schedule_warmup_and_step_decay():
+    s = LrSchedule(base_lr=1.0, milestones=(2, 4), gamma=0.1, warmup_iters=10, warmup_ratio=0.001)
+    assert s.lr_at(0, 0) == pytest.approx(0.001)
+    assert s.lr_at(0, 5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert s.lr_at(3, 9) == pytest.approx(1 - 0.999 * 0.1)  # warm-up overrides the epoch rate
+    assert [s.lr_at(e, 100) for e in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_cli_trains_and_refuses_to_overwrite(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    args = ["--preset", "tacos", "--store", str(store), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    for item in [f"model.arch={SPEC.backbone}", f"model.layers={SPEC.layers}", *OVERRIDES, "epochs=1"]:
+        args += ["--set", item]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "1 epochs done" in done.output and (tmp_path / "run" / "best.pt").is_file()
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, RunDirError)
+    resumed = CliRunner().invoke(app, [*args, "--resume", "--set", "epochs=2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_device_resolution_and_amp_only_on_cuda():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu0'"):
+        resolve_device("tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+    state = build_state(_cfg(1, "train.amp=true"), "cpu")
+    assert state.scaler is None and not state.amp

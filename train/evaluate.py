@@ -1,0 +1,152 @@
+"""Validation: predict every query of a split, post-process as the reference does, score.
+
+Queries are run in groups that share a video, a query length and a clip count, so a group needs
+no padding and gives exactly the reference's one-query-at-a-time output (padding would change
+the TEF, the positional encoding, the conv borders and the max over query tokens). Windows are
+clamped to the annotated duration, rounded to the dataset's clip unit and NMS-ed with
+:mod:`eval.postprocess`; scores come from :func:`eval.metrics.evaluate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.metrics import evaluate
+from eval.postprocess import postprocess
+from eval.predictions import QueryPrediction
+from shards.datasets import DatasetSpec, get_dataset
+from shards.loader import Batch, LoaderConfig, StreamingLoader, TokenSource
+from shards.schema import Query
+from train.batching import per_query_targets
+from train.config import RunConfig
+from train.model import R2Tuning, decode_sample
+
+
+@dataclass
+class Validation:
+    """Result of one validation pass.
+
+    Attributes:
+        metrics: flat headline metrics (the evaluator's ``brief`` keys, e.g. ``MR-full-mAP``).
+        predictions: one per query, post-processed, in the order the loader served them.
+        queries: the ground truth that was scored.
+        seconds: wall time of the pass.
+    """
+
+    metrics: dict[str, float]
+    predictions: list[QueryPrediction]
+    queries: list[Query]
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return len(self.predictions) / self.seconds if self.seconds > 0 else 0.0
+
+
+def _groups(batch: Batch, spec: DatasetSpec) -> dict[tuple[int, int, int], list[int]]:
+    """Query positions of ``batch`` keyed by (video row, query length, clips used)."""
+    lengths = batch.query_mask.sum(dim=1).tolist()
+    rows = batch.video_index.tolist()
+    if spec.task == "hd":
+        clips = [t.num_clips for t in per_query_targets(batch, spec)]
+    else:
+        frames = batch.video_mask.sum(dim=1).tolist()
+        clips = [int(frames[r]) for r in rows]
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, key in enumerate(zip(rows, lengths, clips, strict=True)):
+        groups.setdefault((int(key[0]), int(key[1]), int(key[2])), []).append(i)
+    return groups
+
+
+def postprocess_windows(windows: np.ndarray, duration: float, cfg: RunConfig) -> np.ndarray:
+    """Reference evaluation post-processing of raw windows (N, 3) seconds: clamp, round, NMS."""
+    e = cfg.eval
+    thres = 0.7 if e.nms_thres is None else e.nms_thres
+    return postprocess(windows, duration, unit=e.clip_unit, nms_mode=e.nms_mode, thres=thres)
+
+
+@torch.inference_mode()
+def predict_batch(
+    model: R2Tuning, batch: Batch, spec: DatasetSpec, cfg: RunConfig, device: torch.device
+) -> list[QueryPrediction]:
+    """Post-processed predictions of every query of ``batch`` (same order), model in eval mode."""
+    model.eval()
+    layers = cfg.model.layers
+    out_preds: list[QueryPrediction | None] = [None] * len(batch)
+    for (row, length, clips), members in _groups(batch, spec).items():
+        index = torch.tensor(members)
+        video = batch.video[row, :clips, -layers:].to(device).float()
+        video = video[None].expand(len(members), *video.shape)
+        query = batch.query[index, :length, -layers:].to(device).float()
+        video_mask = torch.ones(len(members), clips, dtype=torch.bool, device=device)
+        query_mask = torch.ones(len(members), length, dtype=torch.bool, device=device)
+        out = model(video, video_mask, query, query_mask)
+        fps = float(batch.fps[row])
+        for j, i in enumerate(members):
+            q = batch.queries[i]
+            windows, saliency = decode_sample(out, j, fps, cfg.model.max_num_moment, cfg.model.merge_cls_sal)
+            if windows is not None:
+                windows = postprocess_windows(windows.cpu().numpy(), q.duration, cfg)
+            out_preds[i] = QueryPrediction(
+                qid=q.qid, vid=q.vid, windows=windows, saliency=saliency.double().cpu().numpy()
+            )
+    return [p for p in out_preds if p is not None]
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """Headline metrics of an evaluator result: its ``brief`` part when it has one, else its numbers."""
+    brief = result.get("brief", result)
+    return {k: float(v) for k, v in brief.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def validation_loader(
+    source: str | Path | TokenSource,
+    cfg: RunConfig,
+    split: str,
+    query_filter: Callable[[Query], bool] | None = None,
+    batch_size: int | None = None,
+) -> StreamingLoader:
+    """Loader over ``split`` in store order, one video at a time, annotations unclamped."""
+    config = LoaderConfig(
+        batch_size=batch_size or cfg.train.batch_size,
+        videos_per_batch=1,
+        splits=(split,),
+        shuffle=False,
+        num_workers=0,
+        clamp_moments=False,
+    )
+    return StreamingLoader(source, config, query_filter=query_filter)
+
+
+def validate(
+    model: R2Tuning,
+    loader: StreamingLoader,
+    cfg: RunConfig,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> Validation:
+    """Predict every query ``loader`` serves and score the predictions against its annotations.
+
+    Args:
+        model: the model (switched to eval mode).
+        loader: e.g. from :func:`validation_loader`.
+        cfg: run config (dataset, decoding and post-processing settings).
+        device: where ``model`` lives.
+        progress: called with the number of queries after each batch.
+    """
+    spec = get_dataset(cfg.dataset)
+    start = time.perf_counter()
+    predictions: list[QueryPrediction] = []
+    for batch in loader:
+        predictions += predict_batch(model, batch, spec, cfg, device)
+        if progress is not None:
+            progress(len(batch))
+    queries = loader.dataset.queries
+    metrics = flat_metrics(evaluate(spec.name, predictions, queries)) if predictions else {}
+    return Validation(metrics, predictions, queries, time.perf_counter() - start)

@@ -1,0 +1,378 @@
+"""K sweep trials trained on one shared pass over the store: each batch is read once, K models step on it.
+
+Trials may share a pass when their resolved configs differ only in model, loss, optimizer or
+evaluation knobs (not in ``model.arch`` / ``model.layers``, which decide the tokens fed, nor in any
+``train.*`` key but ``train.amp``: batch size, seed, epochs, repeat, pool size and loader workers fix
+the batches), when the loader runs in the trial process (``train.num_workers=0``), when none of them
+has a ``last.pt`` to continue from, and when K models fit in memory together (:func:`group_requests`).
+
+Same results as separate runs. ``train.trainer.train_run`` seeds every global generator with
+``train.seed`` (:func:`train.rng.seed_everything`), builds the model, then draws from the global
+torch generator only inside optimizer steps (dropout, drop-path); batch order and positive-clip draws
+come from generators that are pure functions of (seed, pass). The shared pass gives every model its
+own copy of the global generator states: it seeds and builds each model exactly as ``train_run`` does,
+captures the states (:func:`train.rng.capture_rng`), and around each of that model's steps restores
+them and captures them again. So each model sees the random stream a separate run of its config
+would see; on CPU its weights, losses and metrics are bit-identical to ``train_run``'s (tested), and
+its ``last.pt`` holds its own generator states, so an interrupted trial resumes alone with
+``train_run(resume=True)``. Each trial folder gets the files ``train_run`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from eval.metrics import evaluate
+from eval.predictions import write_predictions
+from shards.datasets import get_dataset
+from shards.errors import ConfigError
+from shards.store import open_store
+from train.batching import model_inputs
+from train.checkpoint import save_checkpoint
+from train.compat import check_config_store, store_identity
+from train.config import RunConfig
+from train.evaluate import flat_metrics, predict_batch, validation_loader
+from train.model import R2Tuning, count_parameters
+from train.rng import capture_rng, restore_rng, seed_everything
+from train.runlog import RunPaths, append_metrics, prepare_run_dir, write_json_atomic
+from train.step import TrainState, build_state, resolve_device, state_meta, train_step
+from train.sweep_config import fresh_trial_dir, request_config, result_metrics
+from train.sweep_trials import (
+    TrialRecord,
+    TrialRequest,
+    fail_trial,
+    finish_trial,
+    set_torch_threads,
+    start_trial,
+)
+from train.trainer import (
+    choose_val_split,
+    domain_filter,
+    pos_clip_generator,
+    train_loader,
+    trainable_queries,
+)
+
+SHARED_MODEL_SECTIONS = ("model", "loss", "optim", "eval")
+"""Config sections whose keys may differ between trials of one shared pass ..."""
+DATA_MODEL_KEYS = ("arch", "layers")
+"""... except these model keys, which decide the tokens the loader feeds."""
+MEMORY_FRACTION = 0.6
+"""Share of the free memory (per worker) that the models of one shared pass may take."""
+_ACTIVATION_FACTOR = 6
+"""(B, T, P, D) float32 activations kept per fused layer for backward (maps, pooling, dropout masks)."""
+
+
+def data_key(cfg: RunConfig) -> str:
+    """Everything of ``cfg`` that decides the batches; trials with equal keys can share a pass."""
+    data = cfg.to_dict()
+    model = {k: data["model"][k] for k in DATA_MODEL_KEYS}
+    for section in SHARED_MODEL_SECTIONS:
+        data.pop(section)
+    data["model"] = model
+    data["train"].pop("amp")
+    return json.dumps(data, sort_keys=True)
+
+
+def model_bytes(cfg: RunConfig, max_clips: int) -> int:
+    """Rough training memory of one model (bytes): weights, gradients and AdamW moments
+    (16 bytes/parameter), its own float32 copy of the batch's video tokens with the TEF appended
+    ``(B, T, k, P, C + 2)`` and the per-layer activations ``(B, T, P, D)``.
+
+    ``max_clips`` is the longest video of the store (T).
+    """
+    with torch.device("meta"):
+        params = count_parameters(R2Tuning(cfg.model, cfg.loss))
+    m = cfg.model
+    tokens = cfg.train.batch_size * max_clips * m.layers * m.video_tokens
+    return 16 * params + 4 * tokens * (m.video_width + 2 + _ACTIVATION_FACTOR * m.dims)
+
+
+def shared_bytes(cfg: RunConfig, max_clips: int) -> int:
+    """Memory of the batch all models read: float32 video tokens ``(B, T, k, P, C)`` (bytes)."""
+    m = cfg.model
+    return 4 * cfg.train.batch_size * max_clips * m.layers * m.video_tokens * m.video_width
+
+
+def memory_budget(device: str, workers: int) -> int:
+    """Bytes the models of one shared pass may use: a share of the free GPU memory for CUDA trials,
+    else of the available host memory divided among ``workers`` worker processes."""
+    target = resolve_device(device)
+    if target.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(target)
+        return int(MEMORY_FRACTION * free)
+    return int(MEMORY_FRACTION * psutil.virtual_memory().available / max(workers, 1))
+
+
+def max_models(cfg: RunConfig, max_clips: int, budget: int) -> int:
+    """How many models of ``cfg`` fit in ``budget`` bytes next to one shared batch (at least 1)."""
+    room = budget - shared_bytes(cfg, max_clips)
+    return max(1, room // max(model_bytes(cfg, max_clips), 1))
+
+
+def _store_max_clips(store: str) -> int:
+    handle = open_store(store)
+    return max((handle.video_length(v) for v in handle.video_ids()), default=1)
+
+
+def _split_even(items: list, parts: int) -> list[list]:
+    """``items`` in ``parts`` contiguous chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        stop = start + size + (i < extra)
+        chunks.append(items[start:stop])
+        start = stop
+    return chunks
+
+
+def group_requests(pending: list[TrialRequest], *, slots: int, mode: str) -> list[list[TrialRequest]]:
+    """Tasks for ``pending`` trials: shared-pass groups of compatible trials, else single trials.
+
+    ``mode='on'`` makes each set of compatible trials as few groups as memory allows. ``mode='auto'``
+    shares only when there are more compatible trials than ``slots`` (workers that would otherwise
+    run them side by side): it splits them into ``slots`` groups (more if memory demands), so every
+    worker stays busy and each batch is read once per worker instead of once per trial. With one slot
+    (one GPU) all compatible trials share one pass.
+    """
+    if mode == "off" or len(pending) < 2:
+        return [[r] for r in pending]
+    sets: dict[str, list[TrialRequest]] = {}
+    singles: list[list[TrialRequest]] = []
+    configs: dict[int, RunConfig] = {}
+    for request in pending:
+        cfg = request_config(request)
+        if cfg.train.num_workers != 0 or (Path(request.trial_dir) / "last.pt").is_file():
+            singles.append([request])
+            continue
+        configs[request.index] = cfg
+        sets.setdefault(data_key(cfg), []).append(request)
+    tasks = list(singles)
+    for members in sets.values():
+        if len(members) == 1 or (mode == "auto" and len(members) <= slots):
+            tasks += [[r] for r in members]
+            continue
+        max_clips = _store_max_clips(members[0].store)
+        budget = memory_budget(members[0].device, 1 if mode == "on" else slots)
+        fit = min(max_models(configs[r.index], max_clips, budget) for r in members)
+        parts = math.ceil(len(members) / fit) if mode == "on" else max(slots, math.ceil(len(members) / fit))
+        tasks += [chunk for chunk in _split_even(members, min(parts, len(members))) if chunk]
+    return sorted(tasks, key=lambda task: task[0].index)
+
+
+@dataclass
+class _Member:
+    """One model of the shared pass, with the bookkeeping ``train_run`` keeps for a single model."""
+
+    request: TrialRequest
+    cfg: RunConfig
+    state: TrainState
+    paths: RunPaths
+    rng: dict[str, Any]
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    skipped: int = 0
+    samples: int = 0
+    lr: float = 0.0
+    error: BaseException | None = None
+
+    def begin_epoch(self) -> None:
+        self.totals, self.steps, self.skipped, self.samples = {}, 0, 0, 0
+        self.lr = self.state.schedule.lr_at(self.state.epoch, self.state.iteration)
+
+    def step(self, inputs: Any, size: int) -> None:
+        """One optimizer step of this model on ``inputs`` with its own global-generator states."""
+        restore_rng(self.rng)
+        try:
+            out = train_step(self.state, inputs)
+        finally:
+            self.rng = capture_rng()
+        self.lr = out.pop("lr")
+        self.skipped += int(out.pop("skipped"))
+        out.pop("grad_norm")
+        for name, value in out.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value
+        self.steps += 1
+        self.samples += size
+
+    def epoch_log(self, seconds: float) -> dict[str, Any]:
+        """The metrics-log fields ``train.trainer.train_epoch`` returns."""
+        return {
+            "train": {name: value / max(self.steps, 1) for name, value in self.totals.items()},
+            "lr": self.lr,
+            "steps": self.steps,
+            "skipped_steps": self.skipped,
+            "samples": self.samples,
+            "samples_per_s": self.samples / seconds if seconds > 0 else 0.0,
+            "train_seconds": seconds,
+        }
+
+
+class SharedPass:
+    """Set-up and loop of one shared pass (mirrors ``train.trainer.train_run`` for K models).
+
+    Args:
+        requests: the trials (same store, same device, compatible configs).
+        configs: their resolved configs, in the same order.
+    """
+
+    def __init__(self, requests: list[TrialRequest], configs: list[RunConfig]) -> None:
+        if len({data_key(c) for c in configs}) != 1:
+            raise ValueError("trials of a shared pass must have the same data settings (see data_key)")
+        cfg = configs[0]
+        self.store_path = requests[0].store
+        store = open_store(self.store_path)
+        for c in configs:
+            check_config_store(c, store.manifest, self.store_path)
+        self.spec = get_dataset(cfg.dataset)
+        self.device = resolve_device(requests[0].device)
+        keep = trainable_queries(store, cfg, "train")
+        if not keep:
+            raise ConfigError(f"store {self.store_path} has no trainable queries in split 'train'")
+        self.val_split = choose_val_split(store, cfg, None)
+        self.members: list[_Member] = []
+        for request, c in zip(requests, configs, strict=True):
+            paths, _ = prepare_run_dir(request.trial_dir, resume=False)
+            seed_everything(c.train.seed)
+            state = build_state(c, self.device)
+            self.members.append(_Member(request, c, state, paths, capture_rng()))
+            write_json_atomic(paths.config, c.to_dict())
+            write_json_atomic(paths.run, {
+                "store": str(Path(self.store_path).resolve()), "manifest": store.manifest.to_attrs(),
+                "train_split": "train", "val_split": self.val_split, "train_queries": len(keep),
+                "device": str(self.device), "amp": state.amp,
+            })
+        self.cfg = cfg
+        self.loader = train_loader(self.store_path, cfg, "train", keep, pin=self.device.type == "cuda")
+        self.val_loader = None
+        if self.val_split is not None:
+            val = validation_loader(self.store_path, cfg, self.val_split, query_filter=domain_filter(cfg))
+            self.val_loader = val if val.num_queries else None
+        self.identity = store_identity(store.manifest)
+
+    @property
+    def alive(self) -> list[_Member]:
+        return [m for m in self.members if m.error is None]
+
+    def _train_epoch(self, epoch: int) -> float:
+        for m in self.alive:
+            m.begin_epoch()
+        start = time.perf_counter()
+        for r in range(self.cfg.train.repeat):
+            pass_index = epoch * self.cfg.train.repeat + r
+            self.loader.set_epoch(pass_index)
+            generator = pos_clip_generator(self.cfg.train.seed, pass_index)
+            for batch in self.loader:
+                inputs = model_inputs(batch, self.spec, self.cfg.model.layers, self.device, generator)
+                for m in self.alive:
+                    try:
+                        m.step(inputs, len(batch))
+                    except Exception as err:
+                        m.error = err
+        return time.perf_counter() - start
+
+    def _validate(self, epoch: int, records: dict[int, dict[str, Any]]) -> None:
+        """One read of the validation split; every model predicts each batch; best files per model."""
+        predictions: dict[int, list] = {id(m): [] for m in self.alive}
+        start = time.perf_counter()
+        for batch in self.val_loader:
+            for m in self.alive:
+                predictions[id(m)] += predict_batch(m.state.model, batch, self.spec, m.cfg, self.device)
+        seconds = time.perf_counter() - start
+        queries = self.val_loader.dataset.queries
+        for m in self.alive:
+            preds = predictions[id(m)]
+            try:
+                metrics = flat_metrics(evaluate(self.spec.name, preds, queries)) if preds else {}
+                key = m.cfg.eval.key_metric
+                if key not in metrics:
+                    raise ConfigError(f"key metric {key!r} is not among the validation metrics "
+                                      f"({', '.join(sorted(metrics))}); set eval.key_metric to one of them")
+                if m.best_value is None or metrics[key] > m.best_value:
+                    m.best_value, m.best_epoch, m.best_metrics = metrics[key], epoch, metrics
+                    write_predictions(m.paths.val_preds, preds)
+                    meta = {"epoch": epoch, "metrics": metrics, "store": self.identity}
+                    save_checkpoint(m.paths.best, m.state.model, m.cfg, {**meta, "split": self.val_split})
+                    write_json_atomic(m.paths.best_json, {
+                        "epoch": epoch, "key_metric": key, "value": metrics[key], "split": self.val_split,
+                        "metrics": metrics,
+                    })
+            except Exception as err:
+                m.error = err
+                continue
+            samples_per_s = len(preds) / seconds if seconds > 0 else 0.0
+            records[id(m)].update({"val": metrics, "val_samples_per_s": samples_per_s})
+
+    def _end_epoch(self, m: _Member, record: dict[str, Any]) -> None:
+        append_metrics(m.paths.metrics, record)
+        save_checkpoint(m.paths.last, m.state.model, m.cfg, {
+            "train_state": state_meta(m.state),
+            "rng": m.rng,
+            "best": {"metric": m.cfg.eval.key_metric, "value": m.best_value, "epoch": m.best_epoch,
+                     "metrics": m.best_metrics},
+            "store": self.identity,
+            "loader": {"seed": self.cfg.train.seed, "passes_done": m.state.epoch * self.cfg.train.repeat},
+        })
+
+    def run(self) -> None:
+        """Train all models for ``train.epochs`` epochs, validating as ``train_run`` does."""
+        cfg = self.cfg
+        for epoch in range(cfg.train.epochs):
+            seconds = self._train_epoch(epoch)
+            records: dict[int, dict[str, Any]] = {}
+            for m in self.alive:
+                m.state.epoch += 1
+                records[id(m)] = {"epoch": epoch + 1, **m.epoch_log(seconds), "iteration": m.state.iteration}
+            done = epoch + 1
+            if self.val_loader is not None and (done % cfg.train.val_every == 0 or done == cfg.train.epochs):
+                self._validate(done, records)
+            for m in self.alive:
+                try:
+                    self._end_epoch(m, records[id(m)])
+                except Exception as err:
+                    m.error = err
+            if not self.alive:
+                return
+
+
+def run_shared_trials(requests: list[TrialRequest]) -> list[TrialRecord]:
+    """Train ``requests`` on one shared data pass in this process; one record per trial.
+
+    A trial whose step, validation or files fail is recorded as failed and dropped from the pass;
+    the others go on. A failure of the common set-up fails them all.
+    """
+    set_torch_threads(requests[0].threads)
+    start = time.perf_counter()
+    for request in requests:
+        start_trial(request)
+    try:
+        for request in requests:
+            fresh_trial_dir(Path(request.trial_dir))
+        shared = SharedPass(requests, [request_config(r) for r in requests])
+        shared.run()
+    except Exception as err:
+        return [fail_trial(r, err, time.perf_counter() - start) for r in requests]
+    seconds = time.perf_counter() - start
+    records = []
+    for m in shared.members:
+        if m.error is None:
+            try:
+                metrics = result_metrics(m.best_metrics, m.best_epoch, m.state.epoch)
+            except ConfigError as err:
+                m.error = err
+            else:
+                records.append(finish_trial(m.request, metrics, seconds, shared=len(requests)))
+                continue
+        records.append(fail_trial(m.request, m.error, seconds))
+    return records

@@ -1,0 +1,359 @@
+"""Hyper-parameter sweeps over a feature store, run on dask.distributed.
+
+``plan_sweep`` turns a :class:`~train.sweep_spec.SweepSpec` into trial requests (one directory each, see
+:mod:`train.sweep_trials`); ``run_sweep`` skips the trials an earlier run finished, groups the rest into
+tasks (one trial, or K trials trained together on one shared data pass, see :mod:`train.shared_pass`),
+runs the tasks -- on a ``LocalCluster`` sized to the machine (worker processes with one thread each), on
+an existing scheduler (``scheduler='tcp://host:8786'``), or in this process (``workers=0``) -- and writes
+``results.csv`` / ``results.json`` / ``sweep.png`` into the sweep directory (also when interrupted).
+
+A failing trial is recorded (``error.txt``, status ``failed``) and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from shards.errors import R2Error
+from train.runlog import write_json_atomic
+from train.sweep_results import SweepResult, write_results
+from train.sweep_spec import SweepSpec, expand
+from train.sweep_trials import (
+    TrialFn,
+    TrialRecord,
+    TrialRequest,
+    execute_trial,
+    fail_trial,
+    find_trial_dir,
+    read_record,
+    trial_hash,
+    trial_name,
+)
+
+SPEC_FILE = "sweep.json"
+SHARED_PASS_MODES = ("auto", "on", "off")
+_WORKER_MEMORY_BYTES = 1.5e9
+"""Memory budgeted per trial worker process (torch import ~340 MB + model, optimizer, batches)."""
+_NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+"""The scheduler's HTTP endpoints (health, metrics) on a free local port, no dashboard: a sweep never
+collides with another cluster's port 8787."""
+
+
+class SweepError(R2Error):
+    """A sweep that cannot run as asked (missing store, sweep folder of another store, bad option)."""
+
+
+@dataclass
+class SweepPlan:
+    """A sweep ready to run.
+
+    Attributes:
+        spec: the sweep description.
+        store: feature store path.
+        out_dir: sweep directory.
+        requests: one request per trial, in expansion order.
+        key_metric: metric that ranks the trials.
+        higher_is_better: direction of ``key_metric``.
+        arch: backbone of the store (``model.arch``), when known.
+    """
+
+    spec: SweepSpec
+    store: str
+    out_dir: Path
+    requests: list[TrialRequest]
+    key_metric: str
+    higher_is_better: bool
+    arch: str | None = None
+
+
+def plan_sweep(
+    spec: SweepSpec,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    key_metric: str | None = None,
+    higher_is_better: bool = True,
+) -> SweepPlan:
+    """Expand ``spec`` into trial requests under ``out_dir``.
+
+    ``key_metric=None`` (the real trainer) fixes ``train.num_workers=0`` unless ``spec.fixed`` sets it,
+    checks every trial's overrides and the store (a bad key fails here, before anything runs) and takes
+    the preset's key metric; a given ``key_metric`` skips all that (custom trial functions).
+    """
+    if not spec.store:
+        raise SweepError("no feature store: give --store PATH (or 'store' in the spec file)")
+    if not Path(spec.store).exists():
+        raise SweepError(f"feature store {spec.store}: not found; extract one (r2 extract) or fix --store")
+    if key_metric is None:
+        from train.sweep_config import with_loader_default
+
+        spec = replace(spec, fixed=with_loader_default(spec.fixed))
+    out_dir = Path(out_dir).resolve()
+    requests = []
+    arch = None
+    for index, params in enumerate(expand(spec)):
+        overrides = {**spec.fixed, **params}
+        digest = trial_hash(spec.preset, overrides)
+        name = trial_name(index, params, digest)
+        requests.append(TrialRequest(index, name, str(out_dir / name), spec.preset, spec.store,
+                                     overrides, params, device=device))
+    if key_metric is None:
+        from train.sweep_config import check_sweep
+
+        trials = [r.override_list() for r in requests]
+        key_metric, higher_is_better, arch = check_sweep(spec.preset, spec.store, trials)
+    return SweepPlan(spec, spec.store, out_dir, requests, key_metric, higher_is_better, arch)
+
+
+def _gpu_count(device: str) -> int:
+    """CUDA devices the trials will use (0 for CPU trials)."""
+    if device != "auto" and not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_workers(n_tasks: int, device: str = "cpu") -> int:
+    """LocalCluster worker processes: one per GPU for CUDA trials, else one per core; at most one per
+    task and within available memory."""
+    import psutil
+
+    by_memory = int(psutil.virtual_memory().available // _WORKER_MEMORY_BYTES)
+    return max(1, min(_gpu_count(device) or _cores(), n_tasks, by_memory))
+
+
+def _record_spec(plan: SweepPlan) -> None:
+    """Write ``sweep.json``; refuse a sweep directory that was made for another store."""
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.out_dir / SPEC_FILE
+    store = os.path.realpath(plan.store)
+    if path.is_file():
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("store_realpath")
+        if earlier and earlier != store:
+            raise SweepError(f"sweep folder {plan.out_dir} holds trials on store {earlier}; "
+                             f"use another --out for store {store}")
+    spec = asdict(plan.spec)
+    spec.update(store_realpath=store, key_metric=plan.key_metric, higher_is_better=plan.higher_is_better,
+                trials=[{"index": r.index, "name": r.name, "params": r.params} for r in plan.requests])
+    write_json_atomic(path, spec)
+
+
+def _resolve_existing(plan: SweepPlan) -> tuple[list[TrialRecord], list[TrialRequest]]:
+    """Split the plan into finished records (reused) and requests to run (in their old folder if any)."""
+    finished, pending = [], []
+    for request in plan.requests:
+        existing = find_trial_dir(plan.out_dir, request.name.rsplit("-", 1)[1])
+        if existing is not None:
+            request = replace(request, name=existing.name, trial_dir=str(existing))
+        record = read_record(request)
+        if record.status == "ok":
+            record.reused = True
+            finished.append(record)
+        else:
+            pending.append(request)
+    return finished, pending
+
+
+def _worker_device(device: str) -> str:
+    """``cuda:i`` for worker ``i`` of a LocalCluster on a machine with several GPUs (trials that ask for
+    ``cuda`` or ``auto``), so that each worker process trains on its own GPU; else ``device``."""
+    if device not in ("auto", "cuda"):
+        return device
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:
+        return device
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{name % gpus}" if isinstance(name, int) and gpus > 1 else device
+
+
+def run_task(requests: list[TrialRequest], trial_fn: TrialFn | None) -> list[TrialRecord]:
+    """Run one task on a worker: a single trial, or several trials in one shared data pass."""
+    device = _worker_device(requests[0].device)
+    requests = [replace(r, device=device) for r in requests]
+    if len(requests) > 1:
+        from train.shared_pass import run_shared_trials
+
+        return run_shared_trials(requests)
+    if trial_fn is None:
+        from train.sweep_config import train_trial
+
+        trial_fn = train_trial
+    return [execute_trial(trial_fn, requests[0])]
+
+
+def _failed_task(requests: list[TrialRequest], err: BaseException) -> list[TrialRecord]:
+    """Records for a task whose worker raised outside the trial bookkeeping (e.g. the worker died)."""
+    return [fail_trial(r, err, 0.0) for r in requests]
+
+
+def _submit_all(client, tasks: list[list[TrialRequest]], trial_fn: TrialFn | None,
+                on_record: Callable[[TrialRecord], None]) -> None:
+    """Submit every task to ``client`` and pass their records on as they complete."""
+    from distributed import as_completed
+
+    futures = {}
+    try:
+        for task in tasks:
+            future = client.submit(run_task, task, trial_fn, key=f"r2-sweep-{task[0].name}", pure=False)
+            futures[future] = task
+        for future in as_completed(futures):
+            try:
+                records = future.result()
+            except Exception as err:
+                records = _failed_task(futures[future], err)
+            for record in records:
+                on_record(record)
+    finally:
+        client.cancel(list(futures))
+
+
+def _run_tasks(
+    pending: list[TrialRequest],
+    trial_fn: TrialFn | None,
+    shared_pass: str,
+    on_record: Callable[[TrialRecord], None],
+    *,
+    workers: int | None,
+    scheduler: str | None,
+    threads: int | None,
+) -> None:
+    """Group ``pending`` into tasks for the available slots and run them where asked."""
+    if scheduler:
+        from distributed import Client
+
+        with Client(scheduler, timeout="20s") as client:
+            slots = max(1, len(client.scheduler_info()["workers"]))
+            tasks = _with_threads(_make_tasks(pending, trial_fn, shared_pass, slots), threads or 1)
+            _submit_all(client, tasks, trial_fn, on_record)
+        return
+    if workers == 0:
+        for task in _with_threads(_make_tasks(pending, trial_fn, shared_pass, 1), threads):
+            for record in run_task(task, trial_fn):
+                on_record(record)
+        return
+    import dask
+    import psutil
+    from distributed import Client, LocalCluster
+
+    slots = workers or default_workers(len(pending), pending[0].device)
+    tasks = _make_tasks(pending, trial_fn, shared_pass, slots)
+    n_workers = min(slots, len(tasks))
+    tasks = _with_threads(tasks, threads or max(1, _cores() // n_workers))
+    with _sigint_ignored_in_children(), dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            memory_limit=int(psutil.virtual_memory().total // n_workers), silence_logs=logging.ERROR,
+            scheduler_kwargs=_NO_DASHBOARD,
+        )
+    with cluster, Client(cluster) as client:
+        _submit_all(client, tasks, trial_fn, on_record)
+
+
+@contextmanager
+def _sigint_ignored_in_children() -> Iterator[None]:
+    """Ignore SIGINT while worker processes start, so that they inherit the ignored disposition.
+
+    Ctrl-C then interrupts only this process, which closes the cluster (and its workers) in order,
+    instead of every worker printing its own KeyboardInterrupt traceback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    trial_fn: TrialFn | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    shared_pass: str = "auto",
+    threads: int | None = None,
+    on_record: Callable[[TrialRecord], None] | None = None,
+) -> SweepResult:
+    """Run every unfinished trial of ``plan`` and write the results.
+
+    Args:
+        plan: from :func:`plan_sweep`.
+        trial_fn: runs one trial and returns its metrics (default: the real trainer,
+            ``train.sweep_config.train_trial``). A custom function disables shared passes.
+        workers: LocalCluster worker processes (``None``: :func:`default_workers`; ``0``: run here).
+        scheduler: address of an existing dask scheduler (then ``workers`` is ignored).
+        shared_pass: ``auto`` (group compatible trials when it pays), ``on`` (group all compatible
+            trials), ``off``.
+        threads: torch intra-op threads per trial (default: cores // workers on a LocalCluster, 1 on
+            an external cluster, torch's default in this process).
+        on_record: called in this process with each record as it completes (also for reused trials).
+
+    Returns:
+        The records of all trials of the plan in plan order. ``KeyboardInterrupt`` is re-raised after
+        the results of the finished trials were written.
+    """
+    if shared_pass not in SHARED_PASS_MODES:
+        raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
+    if workers is not None and workers < 0:
+        raise SweepError(f"--workers {workers}: must be >= 0 (0 runs the trials in this process)")
+    if threads is not None and threads < 1:
+        raise SweepError(f"--threads {threads}: must be >= 1")
+    _record_spec(plan)
+    finished, pending = _resolve_existing(plan)
+    records = {r.index: r for r in finished}
+    for request in pending:
+        records[request.index] = TrialRecord(request.index, request.name, request.params, "pending")
+
+    def accept(record: TrialRecord) -> None:
+        records[record.index] = record
+        if on_record is not None:
+            on_record(record)
+
+    for record in finished:
+        if on_record is not None:
+            on_record(record)
+    try:
+        if pending:
+            _run_tasks(pending, trial_fn, shared_pass, accept, workers=workers, scheduler=scheduler,
+                       threads=threads)
+    finally:
+        for request in pending:     # interrupted: a worker may have finished a trial not reported yet
+            if records[request.index].status == "pending":
+                records[request.index] = read_record(request)
+        result = SweepResult(plan, [records[r.index] for r in plan.requests])
+        write_results(result)
+    return result
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _with_threads(tasks: list[list[TrialRequest]], threads: int | None) -> list[list[TrialRequest]]:
+    return [[replace(r, threads=threads) for r in task] for task in tasks]
+
+
+def _make_tasks(pending: list[TrialRequest], trial_fn: TrialFn | None, shared_pass: str,
+                slots: int) -> list[list[TrialRequest]]:
+    """Single-trial tasks, or shared-pass groups of compatible trials (real trainer only)."""
+    if shared_pass == "off" or trial_fn is not None or len(pending) < 2:
+        return [[r] for r in pending]
+    from train.shared_pass import group_requests
+
+    return group_requests(pending, slots=slots, mode=shared_pass)

@@ -1,0 +1,87 @@
+"""``r2 sweep``: a hyper-parameter sweep over a feature store (grid, random search or a spec file).
+
+Thin layer over :mod:`train.sweep`: parse options, print progress lines, the ranked table and the best
+``r2 train`` command. Exit status: 0 when every trial finished, 1 when some failed (their errors are in
+the table and in each trial's ``error.txt``), 130 when interrupted (finished trials are kept; re-run
+the same command to continue).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from train.sweep import SHARED_PASS_MODES, SweepError, plan_sweep, run_sweep
+from train.sweep_results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_command, format_table
+from train.sweep_spec import build_spec
+from train.sweep_trials import TrialRecord
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback(invoke_without_command=True)
+def sweep(
+    preset: str = typer.Option(None, "--preset", help="Config preset (e.g. charades, qvhighlights, tacos)."),
+    store: str = typer.Option(None, "--store", help="Feature store (.zarr) to train on."),
+    grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,... every value (repeat for a product)."),
+    n_random: int = typer.Option(None, "--random", help="Number of random draws from the --range options."),
+    ranges: list[str] = typer.Option(
+        [], "--range", help="KEY=LOW:HIGH[:log][:int|:float] or KEY=A,B,C (choice); repeatable."
+    ),
+    spec: Path = typer.Option(None, "--spec", help="Sweep spec file (.json or .toml); options override it."),
+    fixed: list[str] = typer.Option([], "--set", help="KEY=VALUE fixed for every trial; repeatable."),
+    out: Path = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/PRESET)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the random draws (default 0)."),
+    workers: int = typer.Option(
+        None, "--workers", help="LocalCluster worker processes (default: one per core or GPU); 0 = run here."
+    ),
+    scheduler: str = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
+    threads: int = typer.Option(
+        None, "--threads", help="Torch threads per trial (default: cores / workers; 1 with --scheduler)."
+    ),
+    device: str = typer.Option("auto", "--device", help="Device of the trials: auto, cpu, cuda, cuda:1."),
+    shared_pass: str = typer.Option(
+        "auto", "--shared-pass", help="Train compatible trials on one shared data pass: auto, on, off."
+    ),
+) -> None:
+    """Run a hyper-parameter sweep: one trial per configuration, ranked by the preset's key metric."""
+    if shared_pass not in SHARED_PASS_MODES:
+        raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
+    sweep_spec = build_spec(spec_file=spec, preset=preset, store=store, grid=grid, ranges=ranges,
+                            n_random=n_random, fixed=fixed, seed=seed)
+    out_dir = out or Path("runs") / "sweeps" / sweep_spec.preset
+    plan = plan_sweep(sweep_spec, out_dir, device=device)
+    total = len(plan.requests)
+    typer.echo(f"sweep of {sweep_spec.preset}: {total} trials -> {plan.out_dir}")
+    seen = 0
+
+    def report(record: TrialRecord) -> None:
+        nonlocal seen
+        seen += 1
+        value = record.metrics.get(plan.key_metric)
+        shown = f"{plan.key_metric}={value:.4g}" if value is not None else record.error or ""
+        how = "reused" if record.reused else f"{record.seconds:.1f} s"
+        typer.echo(f"[{seen}/{total}] {record.status:6s} {record.name}  {shown}  ({how})")
+
+    try:
+        result = run_sweep(
+            plan, workers=workers, scheduler=scheduler, shared_pass=shared_pass, threads=threads,
+            on_record=report,
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: finished trials kept in {plan.out_dir}; run the same command to go on", err=True
+        )
+        raise typer.Exit(130) from None
+    typer.echo("")
+    typer.echo(format_table(result))
+    command = best_command(result)
+    if command:
+        typer.echo(f"\nbest: {result.best().name}\n  {command}")
+    files = [RESULTS_CSV, RESULTS_JSON] + ([PLOT_FILE] if (plan.out_dir / PLOT_FILE).exists() else [])
+    typer.echo(f"results: {', '.join(str(plan.out_dir / f) for f in files)}")
+    counts = result.counts()
+    if counts["failed"]:
+        typer.echo(f"{counts['failed']} of {total} trials failed; see error.txt in their folders", err=True)
+        raise typer.Exit(1)

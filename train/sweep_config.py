@@ -1,0 +1,123 @@
+"""The sweep's view of the run configuration, the store and the trainer.
+
+- :func:`store_arch` / :func:`trial_config`: a trial's :class:`RunConfig` is its preset for the store's
+  backbone, then the sweep's fixed overrides, then its own.
+- :func:`check_sweep`: fail before anything runs (unknown key, bad value, store that does not fit
+  the preset, no validation split to rank the trials by).
+- :func:`train_trial`: the default trial function, ``train.trainer.train_run`` into the trial folder
+  (continuing from its ``last.pt`` when an earlier attempt was interrupted after an epoch).
+
+Kept apart from :mod:`train.sweep` so that planning and bookkeeping import neither torch nor the model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from shards.errors import ConfigError
+from shards.store import Manifest, open_store
+from train.config import RunConfig, apply_overrides, get_preset, normalize_arch
+from train.sweep_trials import TrialRequest
+
+NUM_WORKERS_KEY = "train.num_workers"
+"""Loader worker processes of a trial; the sweep fixes it to 0 unless ``--set`` says otherwise
+(trials run side by side in their own processes; batches depend on the worker count)."""
+
+
+def store_arch(manifest: Manifest) -> str:
+    """Backbone name of a store for ``model.arch``.
+
+    A backbone unknown to :data:`train.config.BACKBONES` (e.g. a synthetic test store) is registered
+    from the manifest's token shapes, so trial processes need no set-up beyond the store.
+    """
+    try:
+        return normalize_arch(manifest.backbone)
+    except ConfigError:
+        from train.synthetic import register_backbone
+
+        register_backbone(manifest.backbone, manifest.video_tokens, manifest.video_width, manifest.text_width,
+                          manifest.frame_size)
+        return manifest.backbone
+
+
+def trial_config(preset: str, store: str | Path, overrides: list[str]) -> RunConfig:
+    """The preset for the store's backbone with ``overrides`` (``["key=value", ...]``) applied.
+
+    Raises:
+        ConfigError: unknown preset or key, bad value. StoreError: unreadable store.
+    """
+    arch = store_arch(open_store(store).manifest)
+    return apply_overrides(get_preset(preset, arch=arch), overrides)
+
+
+def request_config(request: TrialRequest) -> RunConfig:
+    """:func:`trial_config` of a trial request."""
+    return trial_config(request.preset, request.store, request.override_list())
+
+
+def with_loader_default(fixed: dict[str, str]) -> dict[str, str]:
+    """``fixed`` plus ``train.num_workers=0`` unless the user set the loader workers."""
+    if NUM_WORKERS_KEY in fixed:
+        return dict(fixed)
+    return {NUM_WORKERS_KEY: "0", **fixed}
+
+
+def check_sweep(preset: str, store: str | Path, trials: list[list[str]]) -> tuple[str, bool, str]:
+    """Check every trial's overrides and the store before a sweep starts.
+
+    Returns:
+        the key metric that ranks the trials, whether higher is better (always ``True``: the
+        reference's key metrics are recalls / mAPs) and the store's backbone name.
+
+    Raises:
+        ConfigError: a bad override (the message names it), or a store without a validation split.
+        StoreError: a store that does not fit the preset.
+    """
+    from train.compat import check_config_store
+    from train.trainer import choose_val_split
+
+    handle = open_store(store)
+    arch = store_arch(handle.manifest)
+    base = get_preset(preset, arch=arch)
+    for overrides in trials:
+        cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
+        check_config_store(cfg, handle.manifest, store)
+    if choose_val_split(handle, base, None) is None:
+        raise ConfigError(f"store {store} has no 'val' or 'test' queries for preset {preset!r}: "
+                          "a sweep ranks trials by validation metrics")
+    return base.eval.key_metric, True, arch
+
+
+def fresh_trial_dir(trial_dir: Path) -> bool:
+    """Empty ``trial_dir`` unless it holds a ``last.pt`` to continue from; returns whether it does."""
+    if (trial_dir / "last.pt").is_file():
+        return True
+    if trial_dir.exists():
+        shutil.rmtree(trial_dir)
+    trial_dir.mkdir(parents=True)
+    return False
+
+
+def result_metrics(best_metrics: dict[str, float], best_epoch: int | None, epochs: int) -> dict[str, float]:
+    """Metrics a trial reports: the validation metrics of its best epoch, that epoch and epochs run."""
+    if not best_metrics or best_epoch is None:
+        raise ConfigError("the run produced no validation metrics (no validation split?)")
+    return {**best_metrics, "best_epoch": float(best_epoch), "epochs": float(epochs)}
+
+
+def train_trial(request: TrialRequest) -> dict[str, float]:
+    """Train one trial with ``train.trainer.train_run`` in ``request.trial_dir``.
+
+    The folder ends up as ``train_run`` leaves it (config.json, run.json, metrics.jsonl, last.pt, best.pt,
+    best.json, val_preds.jsonl); the sweep adds ``done.json``. An earlier interrupted attempt with a
+    ``last.pt`` is continued, any other leftover is removed first.
+    """
+    from train.trainer import train_run
+
+    cfg = request_config(request)
+    trial_dir = Path(request.trial_dir)
+    resume = fresh_trial_dir(trial_dir)
+    result = train_run(cfg, request.store, trial_dir, resume=resume, device=request.device, progress=False)
+    return result_metrics(result.best_metrics, result.best_epoch, result.epochs)
+
