@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
 
 from eval.metrics import evaluate
 from eval.predictions import read_predictions
@@ -17,16 +16,7 @@ from shards.annotations import infer_split, load_annotations
 from shards.datasets import DatasetSpec, dataset_names, get_dataset
 from shards.errors import R2Error
 
-
-class _SingleCommand(TyperGroup):
-    """A group that is only its callback: ``r2 eval [OPTIONS]`` (no sub-command in the usage line)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs["subcommand_metavar"] = ""
-        super().__init__(*args, **kwargs)
-
-
-app = typer.Typer(cls=_SingleCommand, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -49,7 +39,7 @@ def _split(spec: DatasetSpec, path: Path) -> str:
     return split if split in spec.splits else spec.splits[-1]
 
 
-@app.callback(invoke_without_command=True)
+@app.command()
 def eval_command(
     dataset: str = typer.Option(..., "--dataset", "-d", help=f"One of: {', '.join(dataset_names())}."),
     predictions: Path = typer.Option(

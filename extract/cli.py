@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 SAMPLE_STORE = Path("cache/sample.zarr")
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, subcommand_metavar="")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def _parse_fps(value: str | None) -> float | None:
@@ -45,7 +45,7 @@ def _report(summary: ExtractSummary) -> None:
         typer.echo(f"all {len(summary.failures)} failure(s) are listed in {summary.failures_file}")
 
 
-@app.callback(invoke_without_command=True)
+@app.command()
 def extract(
     dataset: str = typer.Option(
         None, "--dataset", help="charades | qvhighlights | tacos | ego4d | youtube | tvsum"

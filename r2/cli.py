@@ -1,6 +1,7 @@
-"""The ``r2`` command: one typer app composed of each package's sub-app.
+"""The ``r2`` command: one typer app composed of each package's commands.
 
-``r2 extract | shards | train | sweep | eval | predict``. User errors (:class:`shards.errors.R2Error`)
+``r2 extract | shards | train | sweep | eval | predict``. Single-command packages contribute their
+command function, ``shards`` its group of sub-commands. User errors (:class:`shards.errors.R2Error`)
 are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 """
 
@@ -14,13 +15,13 @@ from shards.errors import R2Error
 
 
 def build_app() -> typer.Typer:
-    """Compose the sub-apps. Imports stay inside so that ``r2 --help`` lists every command."""
-    from eval.cli import app as eval_app
-    from extract.cli import app as extract_app
-    from r2.predict_cli import app as predict_app
+    """Compose the commands. Imports stay inside so that importing this module is cheap."""
+    from eval.cli import eval_command
+    from extract.cli import extract
+    from r2.predict_cli import predict
     from shards.cli import app as shards_app
-    from train.cli import app as train_app
-    from train.sweep_cli import app as sweep_app
+    from train.cli import train
+    from train.sweep_cli import sweep
 
     app = typer.Typer(
         name="r2",
@@ -29,12 +30,12 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
-    app.add_typer(extract_app, name="extract")
+    app.command("extract")(extract)
     app.add_typer(shards_app, name="shards")
-    app.add_typer(train_app, name="train")
-    app.add_typer(sweep_app, name="sweep")
-    app.add_typer(eval_app, name="eval")
-    app.add_typer(predict_app, name="predict")
+    app.command("train")(train)
+    app.command("sweep")(sweep)
+    app.command("eval")(eval_command)
+    app.command("predict")(predict)
     return app
 
 

@@ -108,7 +108,7 @@ class Predictor:
         Raises:
             CheckpointError: the checkpoint has no store manifest, or the weights differ from it.
         """
-        manifest = read_checkpoint(checkpoint).meta.get("manifest")
+        manifest = read_checkpoint(checkpoint).meta.get("store")
         if not isinstance(manifest, dict):
             raise CheckpointError(
                 f"{checkpoint} records no feature-store manifest, so the CLIP backbone it needs is unknown: "

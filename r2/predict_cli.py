@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 
 
-@app.callback(invoke_without_command=True)
+@app.command()
 def predict(
     video: Path = typer.Argument(..., help="Video file (any length, any format FFmpeg reads)."),
     sentences: list[str] = typer.Argument(..., help="One or more sentences to ground."),

@@ -1,14 +1,14 @@
-"""``r2 eval``: table, official JSON keys, --out, errors (exit 2), mounting under a parent app."""
+"""``r2 eval``: table, official JSON keys, --out, errors (exit 2), mounted in the r2 command."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import typer
 from typer.testing import CliRunner
 
 from eval.cli import app
+from r2.cli import build_app
 
 DATA = Path(__file__).parent / "data" / "eval"
 runner = CliRunner()
@@ -91,13 +91,7 @@ def test_errors_exit_2(tmp_path):
 
 def test_mounted_as_r2_eval(tmp_path):
     preds, ann = _charades(tmp_path)
-    parent = typer.Typer()
-    parent.add_typer(app, name="eval")
-
-    @parent.command()
-    def other() -> None:
-        """A sibling command, so that the parent is a group like r2."""
-
+    parent = build_app()
     result = runner.invoke(
         parent, ["eval", "--dataset", "charades", "-p", str(preds), "-a", str(ann), "--json"]
     )

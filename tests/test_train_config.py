@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from r2.cli import build_app
 from shards.errors import ConfigError
 from train.cli import app
 from train.config import BACKBONES, RunConfig, apply_overrides, get_preset, normalize_arch, preset_names
@@ -157,14 +157,8 @@ def test_cli_dry_run_prints_summary_and_trainable_count() -> None:
     assert "coord_head" not in result.output
 
 
-def test_cli_mounts_as_single_command_and_reports_errors() -> None:
-    root = typer.Typer()
-    root.add_typer(app, name="train")
-
-    @root.command()
-    def other() -> None:
-        """Second command so that ``root`` is a group, as in ``r2``."""
-
+def test_r2_train_command_and_its_errors() -> None:
+    root = build_app()
     runner = CliRunner()
     result = runner.invoke(
         root, ["train", "--dry-run", "--preset", "charades", "--arch", "ViT-L-14", "--set", "lr=1e-4"]

@@ -19,7 +19,7 @@ from train.model import R2Tuning, count_parameters
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.callback(invoke_without_command=True)
+@app.command()
 def train(
     preset: str = typer.Option(
         ..., "--preset", "-p", help=f"Config preset: {', '.join(preset_names()[:6])}, ..."

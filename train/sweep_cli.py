@@ -20,7 +20,7 @@ from train.sweep_trials import TrialRecord
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.callback(invoke_without_command=True)
+@app.command()
 def sweep(
     preset: str = typer.Option(None, "--preset", help="Config preset (e.g. charades, qvhighlights, tacos)."),
     store: str = typer.Option(None, "--store", help="Feature store (.zarr) to train on."),

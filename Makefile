@@ -1,0 +1,91 @@
+# Front door of the toolkit. Every target installs what it needs into a local venv on first use.
+#   make demo                  extract -> train -> eval -> predict on the embedded sample (CPU, offline)
+#   make test                  the test suite
+#   make extract DATASET=tacos extract CLIP tokens for data/tacos/ into cache/tacos/
+#   make train  [PRESET=...]   train on a store (default: the embedded sample store)
+#   make sweep  [GRID=...]     hyper-parameter sweep over a store
+#   make bench                 benchmarks (scripts/bench_*.py)
+#   make lint                  ruff
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision must be a matching pair; this pair has CPU-capable wheels for Python 3.11.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+DATASET ?= sample
+ARCH ?= ViT-B-32
+LAYERS ?= 4
+PRETRAINED ?= openai
+DEVICE ?= auto
+CACHE ?= cache
+RUNS ?= runs
+DATA ?= data
+SET ?=
+GRID ?= --grid lr=1e-4,2.5e-4,5e-4 --grid loss_sal=0.05,0.1
+SAMPLE := tests/data/sample
+
+ifeq ($(DATASET),sample)
+STORE ?= $(CACHE)/sample.zarr
+PRESET ?= charades
+EXTRACT_ARGS = --sample --out $(STORE)
+else
+STORE ?= $(CACHE)/$(DATASET)/$(ARCH)_k$(LAYERS).zarr
+PRESET ?= $(DATASET)
+EXTRACT_ARGS = --dataset $(DATASET) --videos $(DATA)/$(DATASET)/videos \
+	$(addprefix --annotations ,$(wildcard $(DATA)/$(DATASET)/*.jsonl)) --out $(STORE) \
+	--arch $(ARCH) --pretrained $(PRETRAINED) --layers $(LAYERS) --device $(DEVICE)
+endif
+RUN ?= $(RUNS)/$(DATASET)
+SWEEP ?= $(RUNS)/$(DATASET)-sweep
+RESUME_FLAG = $(if $(RESUME),--resume,)
+
+.PHONY: install demo test extract train sweep bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+extract: $(STAMP)
+	$(BIN)/r2 extract $(EXTRACT_ARGS)
+
+train: $(STAMP)
+	$(BIN)/r2 train --preset $(PRESET) --store $(STORE) --out $(RUN) --device $(DEVICE) $(RESUME_FLAG) $(SET)
+
+sweep: $(STAMP)
+	$(BIN)/r2 sweep --preset $(PRESET) --store $(STORE) --out $(SWEEP) --device $(DEVICE) $(GRID) $(SET)
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_store.py
+	$(BIN)/python scripts/bench_extract.py
+	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_sweep.py
+
+# The main job on the embedded sample: two short real videos, random CLIP weights, CPU, offline.
+DEMO_RUN := $(RUNS)/demo
+DEMO_QUERY := person drinks from a red cup in the doorway.
+demo: $(STAMP)
+	$(BIN)/r2 extract --sample --out $(CACHE)/sample.zarr
+	$(BIN)/r2 shards verify $(CACHE)/sample.zarr
+	rm -rf $(DEMO_RUN)
+	$(BIN)/r2 train --preset charades --store $(CACHE)/sample.zarr --out $(DEMO_RUN) --device cpu \
+		--set epochs=8 --set batch_size=4 --set optim.warmup_iters=4 --set train.num_workers=0
+	$(BIN)/r2 eval --dataset charades --predictions $(DEMO_RUN)/val_preds.jsonl \
+		--annotations $(SAMPLE)/charades_sample_test.jsonl
+	$(BIN)/r2 predict $(SAMPLE)/univtg_charades.mp4 "$(DEMO_QUERY)" --checkpoint $(DEMO_RUN)/best.pt \
+		--device cpu --plot $(DEMO_RUN)/predict.png
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(CACHE)/sample $(RUNS)/demo

