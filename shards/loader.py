@@ -6,6 +6,13 @@ a batch mixes several videos (the in-batch contrastive losses need that) while e
 tokens are read once per epoch and shared by all its queries in a batch (TACoS has 100+ queries
 per video). When a pool video runs out of queries the next video takes its place.
 
+Reads: a background thread maps ``prefetch_videos`` videos ahead (``map_video``: it takes the
+disk wait, and the mapping is a view of the page cache, not a copy). Each video is then copied
+once per batch, straight into its row of the batch's zero-padded tensor: the work a batch from
+RAM takes. The batch tensors come from a small pool of buffers, reused once the caller has
+dropped every tensor of an earlier batch (so later batches cost no page faults); with
+``pin_memory`` they are allocated pinned instead of copied afterwards.
+
 Memory: tokens held by the loader (pool, read-ahead and the videos of the batch being filled) stay
 under ``max_bytes`` (a single video larger than that is still read, alone). When the bound
 binds, a batch is emitted early with fewer queries. Nothing per video is kept beyond that, so peak
@@ -19,7 +26,9 @@ reproducible for a given seed, epoch and worker count).
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,7 +56,8 @@ class TokenSource(Protocol):
     def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray: ...
     def map_video(self, vid: str) -> np.ndarray: ...
     def has_query(self, qid: int | str) -> bool: ...
-    def read_query(self, qid: int | str) -> np.ndarray: ...
+    def query_length(self, qid: int | str) -> int: ...
+    def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray: ...
     def annotations(self) -> list[Query]: ...
 
 
@@ -114,8 +124,15 @@ class MemorySource:
     def has_query(self, qid: int | str) -> bool:
         return qid in self._queries
 
-    def read_query(self, qid: int | str) -> np.ndarray:
-        return self._queries[qid]
+    def query_length(self, qid: int | str) -> int:
+        return self._queries[qid].shape[0]
+
+    def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored array itself (no copy) or a copy into ``out``."""
+        if out is None:
+            return self._queries[qid]
+        out[...] = self._queries[qid]
+        return out
 
     def annotations(self) -> list[Query]:
         return list(self._annotations)
@@ -208,8 +225,8 @@ class LoaderStats:
 
 
 class _Feed:
-    """Maps videos (``map_video``: read-only, page cache, no copy) in a fixed order, ``depth`` ahead
-    in a background thread that takes the disk wait, within a byte budget."""
+    """Maps videos (``map_video``: a read-only view of the page cache, no copy) in a fixed order,
+    ``depth`` ahead in a background thread that takes the disk wait, within a byte budget."""
 
     def __init__(
         self, source: TokenSource, vids: Sequence[str], depth: int, max_bytes: int, stats: LoaderStats
@@ -255,24 +272,69 @@ class _Feed:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _Buffers:
+    """Float16 arrays for the padded batch tensors, reused once nothing refers to them any more.
+
+    A buffer is handed out again only when the array made from its last use is gone, which means
+    every tensor and view of that batch is gone (``torch.from_numpy`` keeps the array alive), so
+    a batch the caller still holds is never overwritten. At most ``keep`` buffers are kept (one in
+    the caller's hands, one being filled); with ``pin`` the tensors are allocated in pinned memory
+    instead (torch's caching host allocator then does the reuse, safely for asynchronous copies).
+    """
+
+    def __init__(self, keep: int = 2, pin: bool = False) -> None:
+        self._keep = keep
+        self._pin = pin
+        self._slots: list[tuple[np.ndarray, weakref.ref[np.ndarray]]] = []
+
+    def take(self, shape: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
+        """An uninitialised float16 array of ``shape`` and the tensor sharing its memory."""
+        if self._pin:
+            tensor = torch.empty(shape, dtype=torch.float16, pin_memory=True)
+            return tensor.numpy(), tensor
+        size = math.prod(shape)
+        free = [i for i, (_, user) in enumerate(self._slots) if user() is None]
+        fits = [i for i in free if self._slots[i][0].size >= size]
+        if fits:
+            slot, flat = fits[0], self._slots[fits[0]][0]
+        elif free or len(self._slots) < self._keep:
+            slot, flat = free[0] if free else len(self._slots), np.empty(size, DTYPE)
+        else:  # every kept buffer is still in use: this one is not kept
+            array = np.empty(shape, DTYPE)
+            return array, torch.from_numpy(array)
+        array = flat[:size].reshape(shape)
+        entry = (flat, weakref.ref(array))
+        if slot == len(self._slots):
+            self._slots.append(entry)
+        else:
+            self._slots[slot] = entry
+        return array, torch.from_numpy(array)
+
+
+def _padded(
+    buffers: _Buffers,
+    lengths: Sequence[int],
+    tail: tuple[int, ...],
+    read: Callable[[int, np.ndarray], object],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensor ``(N, max(lengths), *tail)`` whose row ``i`` holds ``lengths[i]`` items filled in
+    place by ``read(i, out)`` and zeros after, and its ``(N, max(lengths))`` bool mask."""
+    longest = max(lengths)
+    array, tensor = buffers.take((len(lengths), longest, *tail))
+    mask = np.zeros((len(lengths), longest), bool)
+    for i, n in enumerate(lengths):
+        read(i, array[i, :n])
+        array[i, n:] = 0
+        mask[i, :n] = True
+    return tensor, torch.from_numpy(mask)
+
+
 @dataclass
 class _Live:
     vid: str
     size: int
     tokens: np.ndarray
     todo: deque[Query]
-
-
-def _stack_padded(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-padded stack ``(N, max_len, ...)`` of ``arrays`` and its ``(N, max_len)`` bool mask."""
-    longest = max(a.shape[0] for a in arrays)
-    out = np.empty((len(arrays), longest, *arrays[0].shape[1:]), DTYPE)
-    mask = np.zeros((len(arrays), longest), bool)
-    for i, a in enumerate(arrays):
-        out[i, : a.shape[0]] = a
-        out[i, a.shape[0] :] = 0
-        mask[i, : a.shape[0]] = True
-    return out, mask
 
 
 class GroupedQueryDataset(IterableDataset):
@@ -284,6 +346,10 @@ class GroupedQueryDataset(IterableDataset):
         config: loader knobs.
         query_filter: extra predicate on :class:`Query`; queries must also be in ``config.splits``
             (when given) and have their video and query tokens in the source.
+
+    Attributes:
+        pin_memory: allocate the batch tensors in pinned memory (set by :class:`StreamingLoader`
+            when it runs in the calling process; needs CUDA).
     """
 
     def __init__(
@@ -293,6 +359,7 @@ class GroupedQueryDataset(IterableDataset):
         query_filter: Callable[[Query], bool] | None = None,
     ) -> None:
         self.config = config or LoaderConfig()
+        self.pin_memory = False
         self.epoch = 0
         self.stats = LoaderStats()
         self._source_arg = source
@@ -342,12 +409,23 @@ class GroupedQueryDataset(IterableDataset):
         cfg = self.config
         feed = _Feed(source, vids, cfg.prefetch_videos, cfg.max_bytes, self.stats)
         try:
-            yield from self._batches(source, feed, groups)
+            yield from _Assembler(source, cfg, self.stats, self.pin_memory).batches(feed, groups)
         finally:
             feed.close()
 
-    def _batches(self, source: TokenSource, feed: _Feed, groups: dict[str, list[Query]]) -> Iterator[Batch]:
-        cfg = self.config
+
+class _Assembler:
+    """Fills the batches of one epoch from a :class:`_Feed` (the round-robin pool of videos)."""
+
+    def __init__(self, source: TokenSource, config: LoaderConfig, stats: LoaderStats, pin: bool) -> None:
+        self._source = source
+        self._config = config
+        self._stats = stats
+        self._video_buffers = _Buffers(pin=pin)
+        self._query_buffers = _Buffers(pin=pin)
+
+    def batches(self, feed: _Feed, groups: dict[str, list[Query]]) -> Iterator[Batch]:
+        cfg = self._config
         pool: list[_Live] = []
         members: dict[str, _Live] = {}
         picks: list[tuple[Query, _Live]] = []
@@ -361,7 +439,7 @@ class GroupedQueryDataset(IterableDataset):
             if not pool:
                 if not picks:
                     return
-                yield self._emit(source, feed, picks, members, pool)
+                yield self._emit(feed, picks, members, pool)
                 continue
             for live in list(pool):
                 picks.append((live.todo.popleft(), live))
@@ -371,32 +449,39 @@ class GroupedQueryDataset(IterableDataset):
                 if len(picks) == cfg.batch_size:
                     break
             if len(picks) == cfg.batch_size:
-                yield self._emit(source, feed, picks, members, pool)
+                yield self._emit(feed, picks, members, pool)
 
     def _emit(
-        self,
-        source: TokenSource,
-        feed: _Feed,
-        picks: list[tuple[Query, _Live]],
-        members: dict[str, _Live],
-        pool: list[_Live],
+        self, feed: _Feed, picks: list[tuple[Query, _Live]], members: dict[str, _Live], pool: list[_Live]
     ) -> Batch:
         """Assemble the batch of ``picks``, then release the videos no longer needed."""
+        source, m = self._source, self._source.manifest
         lives = list(members.values())
         row = {live.vid: i for i, live in enumerate(lives)}
-        video, video_mask = _stack_padded([live.tokens for live in lives])
-        query, query_mask = _stack_padded([source.read_query(q.qid) for q, _ in picks])
+        video, video_mask = _padded(
+            self._video_buffers,
+            [live.tokens.shape[0] for live in lives],
+            m.video_shape,
+            lambda i, out: np.copyto(out, lives[i].tokens),
+        )
+        qids = [q.qid for q, _ in picks]
+        query, query_mask = _padded(
+            self._query_buffers,
+            [source.query_length(qid) for qid in qids],
+            m.query_shape,
+            lambda i, out: source.read_query(qids[i], out),
+        )
         fps = [source.video_fps(live.vid) for live in lives]
         queries = [
-            clamp_query(q, live.tokens.shape[0], fps[row[live.vid]]) if self.config.clamp_moments else q
+            clamp_query(q, live.tokens.shape[0], fps[row[live.vid]]) if self._config.clamp_moments else q
             for q, live in picks
         ]
         batch = Batch(
-            video=torch.from_numpy(video),
-            video_mask=torch.from_numpy(video_mask),
+            video=video,
+            video_mask=video_mask,
             video_index=torch.tensor([row[live.vid] for _, live in picks], dtype=torch.long),
-            query=torch.from_numpy(query),
-            query_mask=torch.from_numpy(query_mask),
+            query=query,
+            query_mask=query_mask,
             fps=torch.tensor(fps, dtype=torch.float32),
             queries=queries,
             vids=[live.vid for live in lives],
@@ -405,8 +490,8 @@ class GroupedQueryDataset(IterableDataset):
         for live in lives:
             if id(live) not in in_pool:
                 feed.release(live.size)
-        self.stats.batches += 1
-        self.stats.queries += len(picks)
+        self._stats.batches += 1
+        self._stats.queries += len(picks)
         picks.clear()
         members.clear()
         return batch
@@ -454,6 +539,7 @@ class StreamingLoader:
         self.dataset = GroupedQueryDataset(source, config, query_filter)
         self.config = self.dataset.config
         self.pin_memory = pin_memory
+        self.dataset.pin_memory = pin_memory and self.config.num_workers == 0
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

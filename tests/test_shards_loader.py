@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -62,6 +63,7 @@ class CountingStore(FeatureStore):
     def __init__(self, base: FeatureStore) -> None:
         super().__init__(base.path, base.manifest, writable=False)
         self.reads: Counter[str] = Counter()
+        self.mappings: list[weakref.ref] = []
 
     def read_video(self, vid, out=None):
         self.reads[vid] += 1
@@ -69,7 +71,9 @@ class CountingStore(FeatureStore):
 
     def map_video(self, vid):
         self.reads[vid] += 1
-        return super().video_array(vid).map()
+        mapped = super().video_array(vid).map()
+        self.mappings.append(weakref.ref(mapped))
+        return mapped
 
 
 def train_qids(store_path) -> list[int]:
@@ -92,6 +96,7 @@ def test_every_selected_query_once_per_epoch_with_one_read_per_video(store_path)
         batches = list(loader)
         assert sorted(q.qid for b in batches for q in b.queries) == train_qids(store_path)
         assert source.reads == Counter({f"v{i}": 1 for i in range(8)})
+        assert len(source.mappings) == 8 * (epoch + 1) and not any(m() for m in source.mappings)  # unmapped
         assert all(len(b) == 8 for b in batches[:-1])
         assert sum(len(b.vids) > 1 for b in batches) >= len(batches) - 1  # batches mix videos
     stats = loader.dataset.stats
@@ -176,3 +181,37 @@ def test_two_workers_cover_the_epoch_reproducibly(store_path):
     assert sorted(qid for qids, _ in first for qid in qids) == expected
     assert signature(loader) == first
     assert len({v for _, vids in first for v in vids}) == 8
+    batches = list(loader)  # all held at once: worker buffers must not be reused under them
+    for b in batches:
+        assert_rows_hold(b, open_store(store_path))
+
+
+def assert_rows_hold(batch, store) -> None:
+    """Each video row of ``batch`` holds its video's tokens followed by zeros."""
+    for row, vid in enumerate(batch.vids):
+        t = store.video_length(vid)
+        np.testing.assert_array_equal(batch.video[row, :t].numpy(), vtok(int(vid[1:]), t))
+        assert not batch.video[row, t:].any()
+
+
+def test_held_batches_are_never_overwritten_and_dropped_buffers_are_reused(store_path):
+    store = open_store(store_path)
+    cfg = LoaderConfig(batch_size=6, videos_per_batch=3)
+    held = []
+    for b in StreamingLoader(store_path, cfg):
+        held.append((b, b.video[:, :2].clone(), b.video[-1:]))  # the batch, a copy and a view
+    for b, head, view in held:
+        assert_rows_hold(b, store)
+        assert bool((b.video[:, :2] == head).all()) and view.data_ptr() == b.video[-1].data_ptr()
+    del held
+    pointers = [b.video.data_ptr() for b in StreamingLoader(store_path, cfg)]
+    assert len(set(pointers)) < len(pointers) / 2  # the caller drops each batch: buffers come back
+
+
+def test_a_view_alone_keeps_its_batch_buffer(store_path):
+    store = open_store(store_path)
+    kept = [(b.video[:, :, -1:], b.vids) for b in StreamingLoader(store_path, LoaderConfig(batch_size=6))]
+    for view, vids in kept:  # only a view of each batch survived the iteration
+        for row, vid in enumerate(vids):
+            t = store.video_length(vid)
+            np.testing.assert_array_equal(view[row, :t].numpy(), vtok(int(vid[1:]), t)[:, -1:])

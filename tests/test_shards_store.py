@@ -68,6 +68,31 @@ def test_video_roundtrip_and_metadata(store):
     np.testing.assert_array_equal(reopened.read_video("b"), tokens(1, 7))
 
 
+def test_reads_into_rows_of_a_padded_buffer_equal_plain_reads(store, monkeypatch):
+    monkeypatch.setattr(store_mod, "QUERY_CHUNK_BYTES", 2 * K * CQ * 2)  # 2 tokens per chunk
+    store.write_video("a", tokens(0, 5), 1.0)
+    store.write_video("b", tokens(1, 3), 1.0)
+    store.write_queries([1, 2], [qtokens(0, 3), qtokens(1, 4)])
+    video = np.full((2, 6, K, P, C), 7, np.float16)
+    for row, vid in enumerate(["a", "b"]):
+        t = store.video_length(vid)
+        assert store.read_video(vid, out=video[row, :t]).base is video
+        np.testing.assert_array_equal(video[row, :t], store.read_video(vid))
+        assert (video[row, t:] == 7).all()  # the padding is left alone
+    query = np.full((2, 5, K, CQ), 7, np.float16)
+    for row, qid in enumerate([1, 2]):
+        n = store.query_length(qid)
+        store.read_query(qid, out=query[row, :n])  # query 2 starts mid-chunk and spans two chunks
+        np.testing.assert_array_equal(query[row, :n], store.read_query(qid))
+        assert (query[row, n:] == 7).all()
+    with pytest.raises(ValueError, match=r"shape \(3, 2, 4\)"):
+        store.read_query(1, out=query[0, :4])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        store.read_video("b", out=np.empty((3, K, P, 2 * C), np.float16)[..., ::2])
+    with pytest.raises(ValueError, match="writeable"):
+        store.read_video("b", out=store.map_video("b"))
+
+
 def test_rewrite_replaces_video(store):
     store.write_video("a", tokens(0, 5), 1.0)
     store.write_video("a", tokens(3, 4), 1.0)
@@ -165,6 +190,11 @@ def test_open_with_mismatching_expectation_names_both_values(store, field, value
     assert open_store(store.path, expect={field: stored}).manifest == store.manifest
 
 
+def test_expecting_an_unknown_manifest_field_is_a_programming_error(store):
+    with pytest.raises(ValueError, match=r"unknown manifest fields: \['colour'\]"):
+        open_store(store.path, expect={"colour": "red", "layers": K})
+
+
 def test_create_over_mismatching_store_is_refused(store):
     with pytest.raises(StoreError, match="backbone is 'tiny-vit' in the store but 'ViT-B-16' was expected"):
         create_store(store.path, manifest(backbone="ViT-B-16"))
@@ -198,7 +228,7 @@ def test_not_a_store(tmp_path):
 def _crash_while_committing(path):
     """Child process: die (no cleanup) exactly when the video is about to be renamed into place."""
     s = open_store(path, mode="a")
-    store_mod.os.rename = lambda *a: os._exit(3)
+    os.rename = lambda *a: os._exit(3)
     s.write_video("a", tokens(0, 5), 1.0)
 
 

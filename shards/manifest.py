@@ -1,0 +1,178 @@
+"""The manifest of a feature store: provenance and token geometry, stored as the root attributes.
+
+Also the identity check used when a store is opened with expectations or created over an
+existing one: which fields must agree, and the one-line message naming both values when they do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from shards.errors import StoreError
+
+FORMAT_VERSION = 1
+"""Version of the on-disk layout; a store of another version is refused on open."""
+
+IDENTITY_FIELDS = (
+    "format_version",
+    "backbone",
+    "pretrained",
+    "weights_sha256",
+    "layers",
+    "frame_size",
+    "fps",
+    "dtype",
+    "video_tokens",
+    "video_width",
+    "text_width",
+    "dataset",
+)
+"""Manifest fields that decide whether two stores hold the same tokens (not the creation time or
+the package version)."""
+
+
+@dataclass
+class Manifest:
+    """Provenance and geometry of a store; stored as the root group's attributes.
+
+    Attributes:
+        format_version: on-disk layout version (:data:`FORMAT_VERSION`).
+        backbone: open_clip model name, e.g. ``ViT-B-32``.
+        pretrained: ``openai``, a weights file path, or ``random:<seed>``.
+        weights_sha256: checksum of the backbone weights (``unknown`` for imported caches).
+        layers: k, the number of last transformer blocks kept.
+        frame_size: input resolution of the image tower in pixels (224 / 336).
+        fps: clips sampled per second, ``None`` = per-video rate (see ``FeatureStore.video_fps``).
+        dtype: token dtype, ``float16``.
+        video_tokens: P, tokens per frame (CLS first).
+        video_width: C, width of the image tower.
+        text_width: Cq, width of the text tower.
+        dataset: dataset registry name.
+        package_version: version of the package that created the store.
+        created: creation time, ISO 8601.
+    """
+
+    format_version: int
+    backbone: str
+    pretrained: str
+    weights_sha256: str
+    layers: int
+    frame_size: int
+    fps: float | None
+    dtype: str
+    video_tokens: int
+    video_width: int
+    text_width: int
+    dataset: str
+    package_version: str
+    created: str
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The manifest as a JSON-able dict (the root attributes)."""
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The :data:`IDENTITY_FIELDS` of this manifest."""
+        return {k: v for k, v in self.to_attrs().items() if k in IDENTITY_FIELDS}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str | Path) -> Manifest:
+        """Parse root attributes; :class:`StoreError` naming ``where`` if fields are missing."""
+        names = field_names()
+        missing = [n for n in names if n not in attrs]
+        if missing:
+            raise StoreError(f"store {where}: manifest lacks {', '.join(missing)}; the store is damaged")
+        return cls(**{n: attrs[n] for n in names})
+
+    @property
+    def video_shape(self) -> tuple[int, int, int]:
+        """``(k, P, C)``: shape of one clip's video tokens."""
+        return (self.layers, self.video_tokens, self.video_width)
+
+    @property
+    def query_shape(self) -> tuple[int, int]:
+        """``(k, Cq)``: shape of one query token."""
+        return (self.layers, self.text_width)
+
+
+def field_names() -> list[str]:
+    """Names of the :class:`Manifest` fields, in order."""
+    return [f.name for f in dataclasses.fields(Manifest)]
+
+
+def package_version() -> str:
+    """Installed version of this toolkit (``0+unknown`` when not installed)."""
+    try:
+        return importlib.metadata.version("r2tuning-toolkit")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def make_manifest(
+    *,
+    dataset: str,
+    backbone: str,
+    pretrained: str,
+    weights_sha256: str,
+    layers: int,
+    frame_size: int,
+    fps: float | None,
+    video_tokens: int,
+    video_width: int,
+    text_width: int,
+) -> Manifest:
+    """A :class:`Manifest` with format version, dtype, package version and creation time filled in.
+
+    ``fps`` is in clips per second (``None`` = per video); ``layers``, ``video_tokens``,
+    ``video_width`` and ``text_width`` are k, P, C and Cq.
+    """
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        backbone=backbone,
+        pretrained=pretrained,
+        weights_sha256=weights_sha256,
+        layers=int(layers),
+        frame_size=int(frame_size),
+        fps=None if fps is None else float(fps),
+        dtype="float16",
+        video_tokens=int(video_tokens),
+        video_width=int(video_width),
+        text_width=int(text_width),
+        dataset=dataset,
+        package_version=package_version(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def check_expected(where: str | Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raise :class:`StoreError` naming every field of ``wanted`` whose stored value differs.
+
+    Numbers compare with a relative tolerance of 1e-9 (an fps of ``0.5`` equals ``0.5000000001``).
+    :class:`ValueError` for keys that are not manifest fields (a programming error).
+    """
+    unknown = set(wanted) - set(field_names())
+    if unknown:
+        raise ValueError(f"expect has unknown manifest fields: {sorted(unknown)}")
+    diffs = [
+        f"{key} is {stored.get(key)!r} in the store but {value!r} was expected"
+        for key, value in wanted.items()
+        if not _same(stored.get(key), value)
+    ]
+    if diffs:
+        raise StoreError(
+            f"store {where} does not match: "
+            + "; ".join(diffs)
+            + " (use another --out path or matching settings)"
+        )

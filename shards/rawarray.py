@@ -1,0 +1,267 @@
+"""Raw I/O of the store's float16 zarr v3 arrays: chunk files read and written as plain bytes.
+
+The store writes every array with one ``bytes`` codec (little endian), no compressor, a regular
+grid chunked along axis 0 only. A chunk file then *is* the rows it holds, so this module reads
+rows with ``preadv`` straight into the caller's buffer (a row of a padded batch, say) or maps
+them, without zarr's codec pipeline. Arrays whose metadata
+says otherwise (re-encoded with a compressor by someone else) are read through ``zarr``.
+Writes produce exactly the files zarr would, plus a CRC-32 per chunk in the attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
+
+from shards.errors import StoreError
+
+DTYPE = np.dtype("<f2")
+"""Token dtype on disk and in memory: little-endian float16."""
+
+_CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+_FAST_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _hex(crc: int) -> str:
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def crc32_hex(data: Any) -> str:
+    """CRC-32 (zlib) of a bytes-like object, as 8 hex digits."""
+    return _hex(zlib.crc32(data))
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file or a directory) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_chunk(chunk: Path) -> int:
+    try:
+        return os.open(chunk, os.O_RDONLY)
+    except FileNotFoundError:
+        raise StoreError(f"chunk {chunk} is missing; run `r2 shards verify`") from None
+
+
+def _truncated(chunk: Path) -> StoreError:
+    return StoreError(f"chunk {chunk} is truncated; run `r2 shards verify` and rewrite it")
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at byte ``offset``; returns the number of bytes read (short at EOF)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+@dataclass
+class RawArray:
+    """A float16 zarr v3 array on local disk whose chunks are read as raw bytes when the metadata allows.
+
+    ``fast`` is true for arrays with a regular grid chunked along axis 0 only, the single codec
+    ``bytes`` (little endian) and no storage transformer: then chunk ``i`` is the file
+    ``chunk_path(i)`` holding ``chunk_rows`` full rows (the last one zero-padded, as zarr writes it).
+    Other arrays are read through ``zarr.open_array``.
+
+    Attributes:
+        path: directory of the array.
+        shape: array shape; axis 0 is the row axis (clips ``T`` or tokens ``L``).
+        chunk_rows: rows per chunk along axis 0.
+        attrs: the array's attributes.
+        fast: whether the raw-byte path is used.
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    chunk_rows: int
+    attrs: dict[str, Any]
+    fast: bool
+    _separator: str = "."
+    _prefix: str = "c"
+
+    @classmethod
+    def load(cls, path: Path) -> RawArray:
+        """Read and validate ``path/zarr.json``; :class:`StoreError` if it is not a float16 zarr v3 array."""
+        meta_file = path / "zarr.json"
+        try:
+            meta = json.loads(meta_file.read_bytes())
+        except FileNotFoundError:
+            raise StoreError(f"{path} is not a zarr array (no zarr.json)") from None
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{meta_file} is unreadable: {err}") from None
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+            raise StoreError(f"{meta_file} does not describe a zarr v3 array")
+        if meta.get("data_type") != "float16":
+            raise StoreError(f"{path}: dtype {meta.get('data_type')!r}, the store holds float16 tokens")
+        shape = tuple(int(s) for s in meta["shape"])
+        grid = meta.get("chunk_grid", {})
+        chunks = tuple(grid.get("configuration", {}).get("chunk_shape", ()))
+        encoding = meta.get("chunk_key_encoding", {})
+        separator = encoding.get("configuration", {}).get(
+            "separator", "/" if encoding.get("name") == "default" else "."
+        )
+        fast = (
+            grid.get("name") == "regular"
+            and len(chunks) == len(shape) >= 1
+            and tuple(chunks[1:]) == shape[1:]
+            and meta.get("codecs") == _FAST_CODECS
+            and not meta.get("storage_transformers")
+            and encoding.get("name") in ("default", "v2")
+        )
+        return cls(
+            path=path,
+            shape=shape,
+            chunk_rows=int(chunks[0]) if chunks else max(shape[0], 1),
+            attrs=meta.get("attributes", {}),
+            fast=fast,
+            _separator=separator,
+            _prefix="c" if encoding.get("name") == "default" else "",
+        )
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row (one clip / one token)."""
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * DTYPE.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole array, uncompressed."""
+        return self.shape[0] * self.row_nbytes
+
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks along axis 0."""
+        return -(-self.shape[0] // self.chunk_rows)
+
+    def chunk_path(self, index: int) -> Path:
+        """File of chunk ``index`` along axis 0 (fast arrays only)."""
+        coords = [str(index)] + ["0"] * (len(self.shape) - 1)
+        key = self._separator.join(([self._prefix] if self._prefix else []) + coords)
+        return self.path / key
+
+    def read_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Read rows ``[start, stop)`` into ``out`` (C-contiguous float16 of that shape) and return it.
+
+        Fast arrays: one ``preadv`` per chunk touched, straight into ``out`` (no other buffer).
+        """
+        if not self.fast:
+            out[...] = zarr.open_array(self.path, mode="r")[start:stop]
+            return out
+        view = memoryview(out).cast("B")
+        row = self.row_nbytes
+        pos = start
+        while pos < stop:
+            index = pos // self.chunk_rows
+            end = min(stop, (index + 1) * self.chunk_rows)
+            begin, want = (pos - start) * row, (end - pos) * row
+            chunk = self.chunk_path(index)
+            fd = _open_chunk(chunk)
+            try:
+                got = _pread_into(fd, view[begin : begin + want], (pos - index * self.chunk_rows) * row)
+            finally:
+                os.close(fd)
+            if got != want:
+                raise _truncated(chunk)
+            pos = end
+        return out
+
+    def map(self) -> np.ndarray | None:
+        """The whole array as a read-only view of its mapped chunk file (single-chunk fast arrays only,
+        else ``None``). The pages are read in by this call (``MAP_POPULATE`` where available)."""
+        if not self.fast or self.num_chunks != 1:
+            return None
+        chunk = self.chunk_path(0)
+        fd = _open_chunk(chunk)
+        try:
+            if os.fstat(fd).st_size < self.nbytes:
+                raise _truncated(chunk)
+            mapping = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return np.frombuffer(mapping, DTYPE).reshape(self.shape)
+
+    def chunk_checksums(self) -> list[str]:
+        """CRC-32 of the little-endian bytes of the in-bounds rows of every chunk (reads everything)."""
+        sums = []
+        for index in range(self.num_chunks):
+            start = index * self.chunk_rows
+            stop = min(self.shape[0], start + self.chunk_rows)
+            buf = np.empty((stop - start, *self.shape[1:]), DTYPE)
+            sums.append(crc32_hex(memoryview(self.read_rows(start, stop, buf)).cast("B")))
+        return sums
+
+
+def write_raw_array(
+    path: Path,
+    rows: Sequence[np.ndarray],
+    tail: tuple[int, ...],
+    chunk_rows: int,
+    attrs: dict[str, Any],
+    fsync: bool,
+) -> None:
+    """Write the row blocks ``rows`` (each ``(n_i, *tail)`` C-contiguous float16) as one array at ``path``.
+
+    The blocks are concatenated along axis 0 and cut into chunks of ``chunk_rows`` rows, written
+    as raw little-endian bytes (what zarr's ``bytes`` codec produces), the last one zero-padded;
+    ``attrs`` gets ``crc32`` = the per-chunk checksums of the in-bounds bytes. ``zarr.json`` is
+    written last; with ``fsync`` every file is flushed to disk.
+    """
+    total = sum(r.shape[0] for r in rows)
+    path.mkdir(parents=True, exist_ok=True)
+    layout = RawArray(path, (total, *tail), chunk_rows, {}, True)
+    chunk_nbytes = chunk_rows * layout.row_nbytes
+    sums: list[str] = []
+    pending = [memoryview(r).cast("B") for r in rows]
+    for index in range(layout.num_chunks):
+        in_bounds = min(chunk_rows, total - index * chunk_rows) * layout.row_nbytes
+        crc = 0
+        with open(layout.chunk_path(index), "wb") as f:
+            need = in_bounds
+            while need:
+                piece = pending[0][:need]
+                f.write(piece)
+                crc = zlib.crc32(piece, crc)
+                need -= len(piece)
+                pending[0] = pending[0][len(piece) :]
+                if not len(pending[0]):
+                    pending.pop(0)
+            if in_bounds < chunk_nbytes:
+                f.write(bytes(chunk_nbytes - in_bounds))
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        sums.append(_hex(crc))
+    zarr.create_array(
+        store=str(path),
+        shape=(total, *tail),
+        chunks=(chunk_rows, *tail),
+        dtype="float16",
+        compressors=None,
+        filters=None,
+        serializer=BytesCodec(endian="little"),
+        fill_value=0,
+        chunk_key_encoding=_CHUNK_KEY_ENCODING,
+        attributes={**attrs, "crc32": sums},
+        config={"write_empty_chunks": True},
+    )
+    if fsync:
+        fsync_path(path / "zarr.json")
