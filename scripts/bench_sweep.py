@@ -26,24 +26,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchlib import drop_cache, machine
 
 import shards.store
-from shards.datasets import get_dataset
-from shards.store import open_store
-from train.batching import model_inputs
-from train.evaluate import validation_loader
 from train.sweep import plan_sweep, run_sweep
 from train.sweep_config import trial_config
 from train.sweep_spec import build_spec
 from train.synthetic import SyntheticSpec, make_synthetic_store
-from train.trainer import pos_clip_generator, train_loader, trainable_queries
+from train.trainer import epoch_inputs, open_run_data
 
 
 class ReadCounter:
@@ -78,48 +74,17 @@ class ReadCounter:
             shards.store.RawArray.map = self._map
 
 
-def drop_cache(root: Path) -> None:
-    """Evict every file under ``root`` from the page cache."""
-    os.sync()
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, CPU only")
-
-
 def data_path_seconds(store: Path, fixed: list[str], cold: bool) -> tuple[float, float]:
     """Seconds of one training epoch of loader + ``model_inputs`` and of one validation read, no model."""
-    cfg = trial_config("charades", store, [*fixed, "train.num_workers=0"])
-    spec = get_dataset(cfg.dataset)
-    keep = trainable_queries(open_store(store), cfg, "train")
-    loader = train_loader(store, cfg, "train", keep, pin=False)
-    val = validation_loader(store, cfg, "val")
+    cfg, data = open_run_data(trial_config("charades", store, [*fixed, "train.num_workers=0"]), store, "cpu")
     if cold:
         drop_cache(store)
     start = time.perf_counter()
-    loader.set_epoch(0)
-    generator = pos_clip_generator(cfg.train.seed, 0)
-    for batch in loader:
-        model_inputs(batch, spec, cfg.model.layers, torch.device("cpu"), generator)
+    for _ in epoch_inputs(data.loader, cfg, data.spec, data.device, 0):
+        pass
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in val:
+    for _ in data.val_loader:
         pass
     return train_s, time.perf_counter() - start
 

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import drop_cache, machine
 
 from shards.datasets import get_dataset
 from shards.loader import LoaderConfig, MemorySource, StreamingLoader
@@ -59,29 +59,6 @@ RSS_OVERRIDES = ["model.dims=32", "model.heads=4", "batch_size=128", "train.pool
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def machine() -> str:
-    """CPU model, usable cores, RAM, torch version and threads."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    names = (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    cpu = next(names, platform.processor())
-    cores = len(os.sched_getaffinity(0))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {cores} usable cores, {ram:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-
-
-def drop_cache(root: Path) -> None:
-    """Evict every file under ``root`` from the page cache (no privileges needed)."""
-    os.sync()
-    for folder, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def rate(batches: Iterator, limit_s: float) -> tuple[float, int]:

@@ -10,30 +10,66 @@ from typer.testing import CliRunner
 from r2.cli import build_app
 from shards.errors import ConfigError
 from train.cli import app
-from train.config import BACKBONES, RunConfig, apply_overrides, get_preset, normalize_arch, preset_names
+from train.config import (
+    BACKBONES,
+    RunConfig,
+    TokenDims,
+    apply_overrides,
+    get_preset,
+    normalize_arch,
+    preset_names,
+)
 
 YOUTUBE = ["dog", "gymnastics", "parkour", "skating", "skiing", "surfing"]
 TVSUM = ["BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU"]
 
 
 def test_backbone_dims() -> None:
-    dims = {
-        name: (b.video_tokens, b.video_width, b.text_width, b.frame_size) for name, b in BACKBONES.items()
+    assert dict(BACKBONES) == {
+        "ViT-B-32": (50, 768, 512),
+        "ViT-B-16": (197, 768, 512),
+        "ViT-L-14": (257, 1024, 768),
+        "ViT-L-14-336": (577, 1024, 768),
     }
-    assert dims == {
-        "ViT-B-32": (50, 768, 512, 224),
-        "ViT-B-16": (197, 768, 512, 224),
-        "ViT-L-14": (257, 1024, 768, 224),
-        "ViT-L-14-336": (577, 1024, 768, 336),
-    }
+    with pytest.raises(TypeError):
+        BACKBONES["mine"] = TokenDims(1, 2, 3)  # type: ignore[index]  # the table is read-only
     assert (
         normalize_arch("ViT-B/32") == "ViT-B-32"
         and normalize_arch("vit-l-14-336-quickgelu") == "ViT-L-14-336"
+        and normalize_arch(" ViT-H/14-quickgelu") == "ViT-H-14"
     )
     cfg = get_preset("charades", arch="ViT-L/14")
-    assert (cfg.model.video_tokens, cfg.model.video_width, cfg.model.text_width) == (257, 1024, 768)
-    with pytest.raises(ConfigError, match="ViT-B-16"):
-        get_preset("charades", arch="ViT-H-14")
+    assert cfg.model.token_dims() == (257, 1024, 768)
+    assert (cfg.model.video_tokens, cfg.model.video_width, cfg.model.text_width) == (None, None, None)
+
+
+def test_token_dims_are_config_fields_saved_in_json() -> None:
+    cfg = apply_overrides(get_preset("tacos", arch="ViT-H/14"), ["model.layers=2"])
+    assert cfg.model.arch == "ViT-H-14" and cfg.model.known_token_dims() == (None, None, None)
+    with pytest.raises(ConfigError, match=r"backbone 'ViT-H-14' is not one of .*model.video_tokens=P"):
+        cfg.model.token_dims()
+    with pytest.raises(ConfigError, match="did you mean ViT-B-32"):
+        get_preset("tacos", arch="ViT-B-23").model.token_dims()
+    apply_overrides(cfg, ["model.video_tokens=257", "model.video_width=1280", "model.text_width=1024"])
+    assert cfg.model.token_dims() == TokenDims(257, 1280, 1024)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    assert saved["model"]["video_width"] == 1280
+    assert RunConfig.from_dict(saved).model.token_dims() == (257, 1280, 1024)
+    partial = apply_overrides(get_preset("tacos"), ["model.video_tokens=197"])  # ViT-B-32 at 448 px
+    assert partial.model.token_dims() == (197, 768, 512)
+    with pytest.raises(ConfigError, match="model.video_tokens, model.video_width and model.text_width"):
+        apply_overrides(get_preset("tacos"), ["model.text_width=0"])
+
+
+def test_dry_run_of_an_unknown_backbone_needs_its_dims() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["--dry-run", "--preset", "tacos", "--arch", "ViT-H-14"])
+    assert isinstance(result.exception, ConfigError) and "model.video_width=C" in str(result.exception)
+    dims = ["model.video_tokens=257", "model.video_width=1280", "model.text_width=1024"]
+    sets = [a for item in dims for a in ("--set", item)]
+    result = runner.invoke(app, ["--dry-run", "--preset", "tacos", "--arch", "ViT-H-14", *sets])
+    assert result.exit_code == 0, result.output
+    assert "video tokens (T, 4, 257, 1280), query tokens (L, 4, 1024)" in result.output
 
 
 def test_preset_names() -> None:
@@ -87,6 +123,18 @@ def test_highlight_presets(name: str, dataset: str, domain: str, epochs: int) ->
         50,
     )
     assert cfg.train.batch_size == 4 and cfg.eval.key_metric == "mAP" and cfg.eval.nms_mode is None
+
+
+def test_every_preset_pools_8_videos_and_splits_are_settable() -> None:
+    for name in preset_names():
+        train = get_preset(name).train
+        assert (train.pool_size, train.train_split, train.val_split) == (8, "train", None), name
+    cfg = apply_overrides(get_preset("tacos"), ["train.val_split=test", "train.pool_size=32"])
+    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert (back.train.val_split, back.train.pool_size) == ("test", 32)
+    assert apply_overrides(back, ["train.val_split=none"]).train.val_split is None
+    with pytest.raises(ConfigError, match="train.train_split must be a split name"):
+        apply_overrides(get_preset("tacos"), ["train.train_split="])
 
 
 def test_unknown_preset_lists_valid_ones() -> None:

@@ -40,9 +40,10 @@ def random_batch(
     """Clean-path inputs (zero padding + masks) and targets for a batch of the given lengths."""
     gen = torch.Generator().manual_seed(seed)
     m = model.cfg
+    p, c, cq = m.token_dims()
     frames, tokens = max(lengths), max(words)
-    video = torch.randn(len(lengths), frames, m.layers, m.video_tokens, m.video_width, generator=gen)
-    query = torch.randn(len(lengths), tokens, m.layers, m.text_width, generator=gen)
+    video = torch.randn(len(lengths), frames, m.layers, p, c, generator=gen)
+    query = torch.randn(len(lengths), tokens, m.layers, cq, generator=gen)
     video_mask = torch.arange(frames)[None] < torch.tensor(lengths)[:, None]
     query_mask = torch.arange(tokens)[None] < torch.tensor(words)[:, None]
     video, query = video * video_mask[..., None, None, None], query * query_mask[..., None, None]

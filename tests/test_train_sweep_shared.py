@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from train.checkpoint import read_checkpoint
+from train.cli import app as train_app
 from train.config import get_preset
 from train.shared_pass import data_key, group_requests, max_models, model_bytes, run_shared_trials
 from train.sweep_config import request_config
@@ -114,6 +116,10 @@ def test_cli_sweep_on_the_real_trainer_with_a_shared_pass(store, tmp_path):
     assert "shared x2" in result.output
     assert "r2 train --preset tacos --store" in result.output and "--set lr=" in result.output
     assert "--arch synthetic-tiny" in result.output
+    command = next(line for line in result.output.splitlines() if line.strip().startswith("r2 train "))
+    best_run = CliRunner().invoke(train_app, shlex.split(command)[2:])   # the printed command runs as is
+    assert best_run.exit_code == 0, best_run.output
+    assert json.loads((out / "best" / "config.json").read_text())["model"]["video_width"] == 16
     saved = json.loads((out / "results.json").read_text())
     key = get_preset("tacos").eval.key_metric
     assert saved["key_metric"] == key and key in saved["trials"][0]["metrics"]

@@ -12,7 +12,7 @@ from eval.predictions import read_predictions
 from shards.errors import CheckpointError, ConfigError, StoreError
 from train.api import Grounder
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.config import RunConfig, get_preset
+from train.config import RunConfig, apply_overrides, get_preset
 from train.model import R2Tuning
 from train.runlog import RunDirError, read_metrics
 from train.schedule import LrSchedule
@@ -143,6 +143,46 @@ def test_incompatible_store_is_refused(store, tmp_path):
         train_run(get_preset("tacos"), store, tmp_path / "fresh2", progress=False)
 
 
+def test_token_dims_come_from_the_store_and_a_mismatch_is_refused(store, tmp_path):
+    def unfilled(*extra: str) -> RunConfig:  # backbone unknown to the table, dims left to the store
+        base = [f"model.layers={SPEC.layers}", *OVERRIDES, *extra]
+        return apply_overrides(get_preset("tacos", arch=SPEC.backbone), base)
+
+    assert unfilled().model.known_token_dims() == (None, None, None)
+    run = tmp_path / "run"
+    train_run(unfilled("epochs=1"), store, run, progress=False)
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert (saved["video_tokens"], saved["video_width"], saved["text_width"]) == (2, 16, 16)
+    _, loaded, _ = load_checkpoint(run / "best.pt")
+    assert loaded.model.token_dims() == (SPEC.tokens, SPEC.width, SPEC.text_width)
+    resumed = train_run(unfilled("epochs=2"), store, run, resume=True, progress=False)
+    assert resumed.epochs == 2
+    mismatch = r"token dims \(P, C, Cq\) are \(2, 16, 16\) but the config gives \(\?, 32, \?\)"
+    with pytest.raises(StoreError, match=mismatch):
+        train_run(unfilled("model.video_width=32"), store, tmp_path / "fresh", progress=False)
+    with pytest.raises(StoreError, match=r"are \(2, 16, 16\) but the config gives \(50, 768, 512\)"):
+        train_run(apply_overrides(_cfg(1), ["model.arch=ViT-B-32", "model.video_tokens=none",
+                                            "model.video_width=none", "model.text_width=none"]),
+                  store, tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_train_and_validation_splits_are_config_fields(store, tmp_path):
+    run = tmp_path / "run"
+    result = train_run(_cfg(1, "train.train_split=val", "train.val_split=train"), store, run, progress=False)
+    assert result.history[0]["samples"] == 6  # the 3 held-out videos x 2 queries
+    info = json.loads((run / "run.json").read_text())
+    assert (info["train_split"], info["val_split"], info["train_queries"]) == ("val", "train", 6)
+    assert json.loads((run / "best.json").read_text())["split"] == "train"
+    assert sorted(p.qid for p in read_predictions(run / "val_preds.jsonl")) == list(range(14))
+    with pytest.raises(ConfigError, match=r"train.val_split is 'test' but the store has no such queries "
+                                          r"\(its splits: train, val\)"):
+        train_run(_cfg(1, "train.val_split=test"), store, tmp_path / "other", progress=False)
+    with pytest.raises(ConfigError, match="no trainable queries in split 'test'"):
+        train_run(_cfg(1, "train.train_split=test"), store, tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_schedule_warmup_and_step_decay():
     s = LrSchedule(base_lr=1.0, milestones=(2, 4), gamma=0.1, warmup_iters=10, warmup_ratio=0.001)
     assert s.lr_at(0, 0) == pytest.approx(0.001)
@@ -179,3 +219,13 @@ def test_device_resolution_and_amp_only_on_cuda():
             resolve_device("cuda")
     state = build_state(_cfg(1, "train.amp=true"), "cpu")
     assert state.scaler is None and not state.amp
+
+
+def test_loader_memory_bound_is_a_config_knob(store):
+    from train.trainer import train_loader
+
+    cfg = _cfg(1, "train.loader_memory_gb=0.5")
+    loader = train_loader(store, cfg, "train", keep=set(), pin=False)
+    assert loader.config.max_bytes == 2**29
+    with pytest.raises(ConfigError, match="loader_memory_gb"):
+        _cfg(1, "train.loader_memory_gb=0")

@@ -110,26 +110,17 @@ class Grounder:
 
     def _check_shapes(self, video: torch.Tensor, query: torch.Tensor, fps: float) -> None:
         m = self.cfg.model
-        want_video = f"(T, >={m.layers}, {m.video_tokens}, {m.video_width})"
-        want_query = f"(L, >={m.layers}, {m.text_width})"
-        if (
-            video.dim() != 4
-            or video.size(0) < 1
-            or video.size(1) < m.layers
-            or video.shape[2:]
-            != (
-                m.video_tokens,
-                m.video_width,
-            )
-        ):
+        p, c, cq = m.token_dims()
+        if video.dim() != 4 or video.size(0) < 1 or video.size(1) < m.layers or video.shape[2:] != (p, c):
             raise TokenShapeError(
                 f"video tokens of shape {tuple(video.shape)} do not fit the {m.arch} model, which expects "
-                f"{want_video}: use tokens extracted with {m.arch} (k >= {m.layers}) or a matching checkpoint"
+                f"(T, >={m.layers}, {p}, {c}): use tokens extracted with {m.arch} (k >= {m.layers}) "
+                "or a matching checkpoint"
             )
-        if query.dim() != 3 or query.size(0) < 1 or query.size(1) < m.layers or query.size(2) != m.text_width:
+        if query.dim() != 3 or query.size(0) < 1 or query.size(1) < m.layers or query.size(2) != cq:
             raise TokenShapeError(
                 f"query tokens of shape {tuple(query.shape)} do not fit the {m.arch} model, which expects "
-                f"{want_query}: use tokens extracted with {m.arch} (k >= {m.layers})"
+                f"(L, >={m.layers}, {cq}): use tokens extracted with {m.arch} (k >= {m.layers})"
             )
         if not fps > 0:
             raise TokenShapeError(f"fps must be > 0, got {fps}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from shards.errors import CheckpointError, ConfigError
 from train.config import RunConfig
 from train.model import R2Tuning
+from train.runlog import atomic_path
 
 FORMAT_VERSION = 1
 _CORRUPT = "not a torch checkpoint, or the file is corrupt or truncated"
@@ -71,16 +71,10 @@ def save_checkpoint(
         "config": cfg.to_dict(),
         "meta": _plain(dict(extra or {}), "meta"),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

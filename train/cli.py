@@ -2,8 +2,8 @@
 
 Training itself is :func:`train.trainer.train_run`; the device is ``--device`` or else ``train.device``.
 
-``app`` is a typer app whose *callback* is the command (no sub-commands), so that
-``add_typer(app, name="train")`` gives ``r2 train --preset NAME ...`` directly.
+``train`` is the command function (``r2.cli`` registers it as ``r2 train``); ``app`` is a typer app
+with this one command, for running it on its own.
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ def model_summary(cfg: RunConfig) -> str:
     """Text table of the model's parameters per module, ending with the trainable-parameter count."""
     model = R2Tuning(cfg.model, cfg.loss)
     m = cfg.model
+    p, c, cq = m.token_dims()
     lines = [
         f"preset {cfg.preset} (dataset {cfg.dataset}{'/' + cfg.domain if cfg.domain else ''}), "
-        f"backbone {m.arch}: video tokens (T, {m.layers}, {m.video_tokens}, {m.video_width}), "
-        f"query tokens (L, {m.layers}, {m.text_width})",
+        f"backbone {m.arch}: video tokens (T, {m.layers}, {p}, {c}), query tokens (L, {m.layers}, {cq})",
         f"epochs {cfg.train.epochs}, batch {cfg.train.batch_size}, lr {cfg.optim.lr:g}, "
         f"key metric {cfg.eval.key_metric}",
         "",

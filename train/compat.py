@@ -3,18 +3,20 @@
 A checkpoint records the identity of the store it was trained on (backbone, weights checksum, fps,
 layers, token shapes, dataset); a store that differs in any of them is refused with a
 :class:`~shards.errors.StoreError` that names both values. A config is checked against a store's
-geometry before any training starts.
+geometry before any training starts, and takes its token dims (P, C, Cq) from the store's manifest.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from shards.datasets import get_dataset
-from shards.errors import ConfigError, StoreError
+from shards.errors import StoreError
 from shards.store import FeatureStore, Manifest, open_store
-from train.config import RunConfig, normalize_arch
+from train.config import RunConfig, TokenDims, normalize_arch
 
 IDENTITY_FIELDS = (
     "backbone",
@@ -51,23 +53,25 @@ def open_store_for(identity: dict[str, Any], path: str | Path, source: str) -> F
 def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> None:
     """Check that a model of ``cfg`` can be trained on the store at ``path`` with ``manifest``.
 
+    Token dims (P, C, Cq) that ``cfg`` sets, or takes from the backbone table, must equal the store's;
+    unknown ones are left to :func:`config_for_store`.
+
     Raises:
-        StoreError: other dataset, backbone, token shapes, or fewer stored layers than the model fuses.
+        StoreError: other dataset, backbone, token dims, or fewer stored layers than the model fuses.
     """
     problems = []
     if get_dataset(manifest.dataset).name != cfg.dataset:
         problems.append(f"dataset is {manifest.dataset!r} but preset {cfg.preset!r} is for {cfg.dataset!r}")
-    try:
-        arch = normalize_arch(manifest.backbone)
-    except ConfigError:
-        arch = manifest.backbone
-    if arch != cfg.model.arch:
+    if normalize_arch(manifest.backbone) != normalize_arch(cfg.model.arch):
         problems.append(f"backbone is {manifest.backbone!r} but model.arch is {cfg.model.arch!r}")
-    else:
-        stored = (manifest.video_tokens, manifest.video_width, manifest.text_width)
-        wanted = (cfg.model.video_tokens, cfg.model.video_width, cfg.model.text_width)
-        if stored != wanted:
-            problems.append(f"token shapes (P, C, Cq) are {stored} but the model expects {wanted}")
+    stored = (manifest.video_tokens, manifest.video_width, manifest.text_width)
+    wanted = cfg.model.known_token_dims()
+    if any(w is not None and w != s for w, s in zip(wanted, stored, strict=True)):
+        shown = ", ".join("?" if w is None else str(w) for w in wanted)
+        problems.append(
+            f"token dims (P, C, Cq) are {stored} but the config gives ({shown}) "
+            "(model.video_tokens, model.video_width, model.text_width, or the backbone's defaults)"
+        )
     if manifest.layers < cfg.model.layers:
         problems.append(f"it holds {manifest.layers} layers but model.layers is {cfg.model.layers}")
     if problems:
@@ -75,3 +79,26 @@ def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> 
             f"store {path} does not fit preset {cfg.preset!r}: " + "; ".join(problems)
             + " (use a store extracted for this preset, or --set model.arch/model.layers)"
         )
+
+
+def with_token_dims(cfg: RunConfig, dims: TokenDims) -> RunConfig:
+    """A copy of ``cfg`` whose unset token dims (``model.video_tokens`` ...) are taken from ``dims``."""
+    m = cfg.model
+    model = replace(
+        m,
+        video_tokens=dims.video_tokens if m.video_tokens is None else m.video_tokens,
+        video_width=dims.video_width if m.video_width is None else m.video_width,
+        text_width=dims.text_width if m.text_width is None else m.text_width,
+    )
+    return replace(copy.deepcopy(cfg), model=model)
+
+
+def config_for_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> RunConfig:
+    """``cfg`` checked against the store (:func:`check_config_store`) with its token dims set from the
+    manifest, so that the saved config and checkpoints record them.
+
+    Raises:
+        StoreError: the store does not fit ``cfg`` (e.g. ``model.video_tokens`` set to another P).
+    """
+    check_config_store(cfg, manifest, path)
+    return with_token_dims(cfg, TokenDims(manifest.video_tokens, manifest.video_width, manifest.text_width))

@@ -16,52 +16,59 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from shards.datasets import get_dataset
 from shards.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class BackboneDims:
-    """Token dimensions of one CLIP backbone as cached by ``extract/``.
+class TokenDims(NamedTuple):
+    """Token dimensions of one CLIP backbone as cached by ``extract/`` (and recorded in a store's manifest).
 
     Attributes:
         video_tokens: P, tokens per frame (CLS + patches).
         video_width: C, width of the visual residual stream.
         text_width: Cq, width of the text residual stream.
-        frame_size: input resolution in pixels.
     """
 
     video_tokens: int
     video_width: int
     text_width: int
-    frame_size: int
 
 
-BACKBONES: dict[str, BackboneDims] = {
-    "ViT-B-32": BackboneDims(50, 768, 512, 224),
-    "ViT-B-16": BackboneDims(197, 768, 512, 224),
-    "ViT-L-14": BackboneDims(257, 1024, 768, 224),
-    "ViT-L-14-336": BackboneDims(577, 1024, 768, 336),
-}
-"""open_clip model name -> token dimensions (P = 1 + (size / patch)²)."""
-
+BACKBONES: Mapping[str, TokenDims] = MappingProxyType({
+    "ViT-B-32": TokenDims(50, 768, 512),
+    "ViT-B-16": TokenDims(197, 768, 512),
+    "ViT-L-14": TokenDims(257, 1024, 768),
+    "ViT-L-14-336": TokenDims(577, 1024, 768),
+})
+"""Known open_clip backbones -> token dimensions (P = 1 + (frame size / patch)²); read-only. Any other
+backbone works when its dims are given in :class:`ModelConfig` (the trainer takes them from the store)."""
 
 def normalize_arch(name: str) -> str:
     """Canonical backbone name: ``ViT-B/32``, ``vit-b-32-quickgelu`` -> ``ViT-B-32``.
 
+    Names outside :data:`BACKBONES` are kept (slashes made dashes, ``-quickgelu`` dropped): their token
+    dimensions then come from the config or the store.
+
     Raises:
-        ConfigError: the backbone is not in :data:`BACKBONES`.
+        ConfigError: the name is empty.
     """
-    key = name.strip().replace("/", "-").lower().removesuffix("-quickgelu").replace("-336px", "-336")
+    cleaned = name.strip().replace("/", "-")
+    cleaned = re.sub(r"-quickgelu$", "", cleaned, flags=re.IGNORECASE)
+    key = cleaned.lower().replace("-336px", "-336")
     for arch in BACKBONES:
         if arch.lower() == key:
             return arch
-    raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if not cleaned:
+        raise ConfigError("model.arch is empty; name the CLIP backbone of the cached tokens, e.g. ViT-B-32")
+    return cleaned
 
 
 @dataclass
@@ -69,7 +76,10 @@ class ModelConfig:
     """Architecture of the R² model (reference: ``configs/_base_/models/model.py``).
 
     Attributes:
-        arch: CLIP backbone whose cached tokens feed the model; fixes P, C, Cq (see :data:`BACKBONES`).
+        arch: CLIP backbone whose cached tokens feed the model (a store of another backbone is refused).
+        video_tokens, video_width, text_width: token dimensions P, C, Cq; ``None`` takes the value of
+            :data:`BACKBONES` for ``arch``. The trainer sets them from the store's manifest, so
+            ``config.json`` and checkpoints record the dims the model was built for.
         layers: k, number of last CLIP layers fused by the R² block.
         dims: D, hidden width of the model.
         strides: temporal strides of the conv pyramid (powers of two, the first must be 1).
@@ -84,6 +94,9 @@ class ModelConfig:
     """
 
     arch: str = "ViT-B-32"
+    video_tokens: int | None = None
+    video_width: int | None = None
+    text_width: int | None = None
     layers: int = 4
     dims: int = 256
     strides: tuple[int, ...] = (1, 2, 4, 8)
@@ -96,25 +109,29 @@ class ModelConfig:
     merge_cls_sal: bool = True
     max_num_moment: int = 50
 
-    @property
-    def backbone(self) -> BackboneDims:
-        """Token dimensions of :attr:`arch`."""
-        return BACKBONES[normalize_arch(self.arch)]
+    def known_token_dims(self) -> tuple[int | None, ...]:
+        """(P, C, Cq) as far as known: each field when set, else the :data:`BACKBONES` value of
+        :attr:`arch`, else ``None``."""
+        table = BACKBONES.get(normalize_arch(self.arch)) or (None, None, None)
+        given = (self.video_tokens, self.video_width, self.text_width)
+        return tuple(g if g is not None else t for g, t in zip(given, table, strict=True))
 
-    @property
-    def video_tokens(self) -> int:
-        """P, tokens per frame."""
-        return self.backbone.video_tokens
+    def token_dims(self) -> TokenDims:
+        """(P, C, Cq) the model is built for.
 
-    @property
-    def video_width(self) -> int:
-        """C, visual token width."""
-        return self.backbone.video_width
-
-    @property
-    def text_width(self) -> int:
-        """Cq, text token width."""
-        return self.backbone.text_width
+        Raises:
+            ConfigError: a dim is unset and :attr:`arch` is not in :data:`BACKBONES`.
+        """
+        known = self.known_token_dims()
+        if None in known:
+            close = difflib.get_close_matches(self.arch, list(BACKBONES), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"backbone {self.arch!r} is not one of {', '.join(BACKBONES)}{hint}: set its token dims with "
+                "--set model.video_tokens=P --set model.video_width=C --set model.text_width=Cq, "
+                "or train on a store, which records them"
+            )
+        return TokenDims(*known)
 
 
 @dataclass
@@ -173,9 +190,17 @@ class TrainConfig:
         batch_size: queries per optimiser step.
         repeat: the training set is repeated this many times per epoch (QVHighlights: 4).
         seed: random seed of the run.
+        train_split: split of the store's annotations trained on.
+        val_split: split validated on (best checkpoint, ``best.json``); ``None``: ``val`` when the store
+            has such queries, else ``test``, else no validation.
         val_every: validate every this many epochs.
         num_workers: loader worker processes.
-        pool_size: videos kept in the loader's shuffle pool.
+        pool_size: videos in flight that each batch draws its queries from, round-robin (the loader's
+            ``videos_per_batch``): a batch spans about ``max(pool_size, batch_size / queries per video)``
+            videos, at most ``batch_size`` (docs/training.md explains the default of 8).
+        loader_memory_gb: bound on the video tokens the training loader holds at once, in GiB; a
+            batch whose videos would exceed it is emitted early with fewer queries. A QVHighlights
+            batch of 128 queries spans ~90-128 videos of 23 MB (ViT-B/32), hence the 4 GiB default.
         amp: fp16 autocast + gradient scaling on CUDA (heads and losses stay fp32).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
     """
@@ -184,9 +209,12 @@ class TrainConfig:
     batch_size: int = 128
     repeat: int = 1
     seed: int = 42
+    train_split: str = "train"
+    val_split: str | None = None
     val_every: int = 1
     num_workers: int = 2
-    pool_size: int = 64
+    pool_size: int = 8
+    loader_memory_gb: float = 4.0
     amp: bool = True
     device: str = "auto"
 
@@ -306,8 +334,10 @@ def preset_names() -> list[str]:
 def get_preset(name: str, arch: str = "ViT-B-32") -> RunConfig:
     """The reference configuration of preset ``name`` (case-insensitive) for backbone ``arch``.
 
+    A backbone outside :data:`BACKBONES` leaves the token dims unset (see :class:`ModelConfig`).
+
     Raises:
-        ConfigError: unknown preset (the message lists the valid ones) or unknown backbone.
+        ConfigError: unknown preset (the message lists the valid ones) or an empty backbone name.
     """
     by_lower = {n.lower(): n for n in preset_names()}
     canonical = by_lower.get(name.strip().lower())
@@ -368,6 +398,10 @@ def validate(cfg: RunConfig) -> None:
     checks = [
         (m.layers >= 1, "model.layers must be >= 1"),
         (
+            all(d is None or d >= 1 for d in (m.video_tokens, m.video_width, m.text_width)),
+            "model.video_tokens, model.video_width and model.text_width must be >= 1 or none",
+        ),
+        (
             m.dims >= 1 and m.heads >= 1 and m.dims % m.heads == 0,
             "model.dims must be a multiple of model.heads",
         ),
@@ -389,6 +423,12 @@ def validate(cfg: RunConfig) -> None:
             "train.epochs and train.batch_size must be >= 1",
         ),
         (cfg.train.repeat >= 1 and cfg.train.val_every >= 1, "train.repeat and train.val_every must be >= 1"),
+        (cfg.train.pool_size >= 1, "train.pool_size must be >= 1"),
+        (cfg.train.loader_memory_gb > 0, "train.loader_memory_gb must be > 0"),
+        (
+            bool(cfg.train.train_split) and cfg.train.val_split != "",
+            "train.train_split must be a split name and train.val_split a split name or none",
+        ),
         (cfg.eval.nms_mode in (None, "normal", "linear"), "eval.nms_mode must be normal, linear or none"),
     ]
     for ok, message in checks:

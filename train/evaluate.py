@@ -124,6 +124,17 @@ def validation_loader(
     return StreamingLoader(source, config, query_filter=query_filter)
 
 
+def score_predictions(
+    dataset: str, predictions: list[QueryPrediction], queries: list[Query], seconds: float
+) -> Validation:
+    """Score post-processed ``predictions`` against the ground truth ``queries`` of a split.
+
+    ``seconds`` is the wall time the predictions took (for :attr:`Validation.samples_per_s`).
+    """
+    metrics = flat_metrics(evaluate(dataset, predictions, queries)) if predictions else {}
+    return Validation(metrics, predictions, queries, seconds)
+
+
 def validate(
     model: R2Tuning,
     loader: StreamingLoader,
@@ -147,6 +158,4 @@ def validate(
         predictions += predict_batch(model, batch, spec, cfg, device)
         if progress is not None:
             progress(len(batch))
-    queries = loader.dataset.queries
-    metrics = flat_metrics(evaluate(spec.name, predictions, queries)) if predictions else {}
-    return Validation(metrics, predictions, queries, time.perf_counter() - start)
+    return score_predictions(spec.name, predictions, loader.dataset.queries, time.perf_counter() - start)

@@ -1,10 +1,15 @@
 """K sweep trials trained on one shared pass over the store: each batch is read once, K models step on it.
 
 Trials may share a pass when their resolved configs differ only in model, loss, optimizer or
-evaluation knobs (not in ``model.arch`` / ``model.layers``, which decide the tokens fed, nor in any
-``train.*`` key but ``train.amp``: batch size, seed, epochs, repeat, pool size and loader workers fix
-the batches), when the loader runs in the trial process (``train.num_workers=0``), when none of them
-has a ``last.pt`` to continue from, and when K models fit in memory together (:func:`group_requests`).
+evaluation knobs (not in ``model.arch``, the token dims or ``model.layers``, which decide the tokens
+fed, nor in any ``train.*`` key but ``train.amp``: batch size, seed, epochs, repeat, pool size,
+splits and loader workers fix the batches), when the loader runs in the trial process
+(``train.num_workers=0``), when none of them has a ``last.pt`` to continue from, and when K models fit
+in memory together (:func:`group_requests`).
+
+The set-up (:func:`train.trainer.open_run_data`), the epoch's batches
+(:func:`train.trainer.epoch_inputs`) and every file of a trial folder (:mod:`train.records`) are the
+trainer's own.
 
 Same results as separate runs. ``train.trainer.train_run`` seeds every global generator with
 ``train.seed`` (:func:`train.rng.seed_everything`), builds the model, then draws from the global
@@ -23,27 +28,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from eval.metrics import evaluate
-from eval.predictions import write_predictions
-from shards.datasets import get_dataset
 from shards.errors import ConfigError
 from shards.store import open_store
-from train.batching import model_inputs
-from train.checkpoint import save_checkpoint
-from train.compat import check_config_store, store_identity
+from train.batching import ModelInputs
+from train.compat import config_for_store
 from train.config import RunConfig
-from train.evaluate import flat_metrics, predict_batch, validation_loader
+from train.evaluate import predict_batch, score_predictions
 from train.model import R2Tuning, count_parameters
+from train.records import Best, EpochStats, end_epoch, record_validation, validation_due
 from train.rng import capture_rng, restore_rng, seed_everything
-from train.runlog import RunPaths, append_metrics, prepare_run_dir, write_json_atomic
-from train.step import TrainState, build_state, resolve_device, state_meta, train_step
+from train.runlog import RunPaths, prepare_run_dir
+from train.step import TrainState, build_state, resolve_device, train_step
 from train.sweep_config import fresh_trial_dir, request_config, result_metrics
 from train.sweep_trials import (
     TrialRecord,
@@ -53,17 +55,11 @@ from train.sweep_trials import (
     set_torch_threads,
     start_trial,
 )
-from train.trainer import (
-    choose_val_split,
-    domain_filter,
-    pos_clip_generator,
-    train_loader,
-    trainable_queries,
-)
+from train.trainer import epoch_inputs, open_run_data
 
 SHARED_MODEL_SECTIONS = ("model", "loss", "optim", "eval")
 """Config sections whose keys may differ between trials of one shared pass ..."""
-DATA_MODEL_KEYS = ("arch", "layers")
+DATA_MODEL_KEYS = ("arch", "video_tokens", "video_width", "text_width", "layers")
 """... except these model keys, which decide the tokens the loader feeds."""
 MEMORY_FRACTION = 0.6
 """Share of the free memory (per worker) that the models of one shared pass may take."""
@@ -92,14 +88,15 @@ def model_bytes(cfg: RunConfig, max_clips: int) -> int:
     with torch.device("meta"):
         params = count_parameters(R2Tuning(cfg.model, cfg.loss))
     m = cfg.model
-    tokens = cfg.train.batch_size * max_clips * m.layers * m.video_tokens
-    return 16 * params + 4 * tokens * (m.video_width + 2 + _ACTIVATION_FACTOR * m.dims)
+    p, c, _ = m.token_dims()
+    tokens = cfg.train.batch_size * max_clips * m.layers * p
+    return 16 * params + 4 * tokens * (c + 2 + _ACTIVATION_FACTOR * m.dims)
 
 
 def shared_bytes(cfg: RunConfig, max_clips: int) -> int:
     """Memory of the batch all models read: float32 video tokens ``(B, T, k, P, C)`` (bytes)."""
-    m = cfg.model
-    return 4 * cfg.train.batch_size * max_clips * m.layers * m.video_tokens * m.video_width
+    p, c, _ = cfg.model.token_dims()
+    return 4 * cfg.train.batch_size * max_clips * cfg.model.layers * p * c
 
 
 def memory_budget(device: str, workers: int) -> int:
@@ -173,54 +170,25 @@ class _Member:
     """One model of the shared pass, with the bookkeeping ``train_run`` keeps for a single model."""
 
     request: TrialRequest
-    cfg: RunConfig
     state: TrainState
     paths: RunPaths
     rng: dict[str, Any]
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    totals: dict[str, float] = field(default_factory=dict)
-    steps: int = 0
-    skipped: int = 0
-    samples: int = 0
-    lr: float = 0.0
+    best: Best
+    stats: EpochStats | None = None
     error: BaseException | None = None
 
-    def begin_epoch(self) -> None:
-        self.totals, self.steps, self.skipped, self.samples = {}, 0, 0, 0
-        self.lr = self.state.schedule.lr_at(self.state.epoch, self.state.iteration)
-
-    def step(self, inputs: Any, size: int) -> None:
+    def step(self, inputs: ModelInputs, size: int) -> None:
         """One optimizer step of this model on ``inputs`` with its own global-generator states."""
         restore_rng(self.rng)
         try:
             out = train_step(self.state, inputs)
         finally:
             self.rng = capture_rng()
-        self.lr = out.pop("lr")
-        self.skipped += int(out.pop("skipped"))
-        out.pop("grad_norm")
-        for name, value in out.items():
-            self.totals[name] = self.totals.get(name, 0.0) + value
-        self.steps += 1
-        self.samples += size
-
-    def epoch_log(self, seconds: float) -> dict[str, Any]:
-        """The metrics-log fields ``train.trainer.train_epoch`` returns."""
-        return {
-            "train": {name: value / max(self.steps, 1) for name, value in self.totals.items()},
-            "lr": self.lr,
-            "steps": self.steps,
-            "skipped_steps": self.skipped,
-            "samples": self.samples,
-            "samples_per_s": self.samples / seconds if seconds > 0 else 0.0,
-            "train_seconds": seconds,
-        }
+        self.stats.add(out, size)
 
 
 class SharedPass:
-    """Set-up and loop of one shared pass (mirrors ``train.trainer.train_run`` for K models).
+    """Set-up and loop of one shared pass (``train.trainer.train_run`` for K models).
 
     Args:
         requests: the trials (same store, same device, compatible configs).
@@ -230,100 +198,53 @@ class SharedPass:
     def __init__(self, requests: list[TrialRequest], configs: list[RunConfig]) -> None:
         if len({data_key(c) for c in configs}) != 1:
             raise ValueError("trials of a shared pass must have the same data settings (see data_key)")
-        cfg = configs[0]
-        self.store_path = requests[0].store
-        store = open_store(self.store_path)
-        for c in configs:
-            check_config_store(c, store.manifest, self.store_path)
-        self.spec = get_dataset(cfg.dataset)
-        self.device = resolve_device(requests[0].device)
-        keep = trainable_queries(store, cfg, "train")
-        if not keep:
-            raise ConfigError(f"store {self.store_path} has no trainable queries in split 'train'")
-        self.val_split = choose_val_split(store, cfg, None)
+        store = requests[0].store
+        self.cfg, self.data = open_run_data(configs[0], store, requests[0].device)
+        configs = [config_for_store(c, self.data.manifest, store) for c in configs]
         self.members: list[_Member] = []
-        for request, c in zip(requests, configs, strict=True):
+        for request, cfg in zip(requests, configs, strict=True):
             paths, _ = prepare_run_dir(request.trial_dir, resume=False)
-            seed_everything(c.train.seed)
-            state = build_state(c, self.device)
-            self.members.append(_Member(request, c, state, paths, capture_rng()))
-            write_json_atomic(paths.config, c.to_dict())
-            write_json_atomic(paths.run, {
-                "store": str(Path(self.store_path).resolve()), "manifest": store.manifest.to_attrs(),
-                "train_split": "train", "val_split": self.val_split, "train_queries": len(keep),
-                "device": str(self.device), "amp": state.amp,
-            })
-        self.cfg = cfg
-        self.loader = train_loader(self.store_path, cfg, "train", keep, pin=self.device.type == "cuda")
-        self.val_loader = None
-        if self.val_split is not None:
-            val = validation_loader(self.store_path, cfg, self.val_split, query_filter=domain_filter(cfg))
-            self.val_loader = val if val.num_queries else None
-        self.identity = store_identity(store.manifest)
+            seed_everything(cfg.train.seed)
+            state = build_state(cfg, self.data.device)
+            self.members.append(_Member(request, state, paths, capture_rng(), Best(cfg.eval.key_metric)))
+            self.data.write_run_info(paths, cfg, state.amp)
 
     @property
     def alive(self) -> list[_Member]:
         return [m for m in self.members if m.error is None]
 
     def _train_epoch(self, epoch: int) -> float:
+        """Epoch ``epoch`` (0-based) of every model; returns its wall time in seconds."""
         for m in self.alive:
-            m.begin_epoch()
+            m.stats = EpochStats(lr=m.state.schedule.lr_at(m.state.epoch, m.state.iteration))
         start = time.perf_counter()
-        for r in range(self.cfg.train.repeat):
-            pass_index = epoch * self.cfg.train.repeat + r
-            self.loader.set_epoch(pass_index)
-            generator = pos_clip_generator(self.cfg.train.seed, pass_index)
-            for batch in self.loader:
-                inputs = model_inputs(batch, self.spec, self.cfg.model.layers, self.device, generator)
-                for m in self.alive:
-                    try:
-                        m.step(inputs, len(batch))
-                    except Exception as err:
-                        m.error = err
+        data = self.data
+        for inputs, size in epoch_inputs(data.loader, self.cfg, data.spec, data.device, epoch):
+            for m in self.alive:
+                try:
+                    m.step(inputs, size)
+                except Exception as err:
+                    m.error = err
         return time.perf_counter() - start
 
-    def _validate(self, epoch: int, records: dict[int, dict[str, Any]]) -> None:
-        """One read of the validation split; every model predicts each batch; best files per model."""
+    def _validate(self, records: dict[int, dict[str, Any]]) -> None:
+        """One read of the validation split; every model predicts each batch, then ranks its predictions."""
+        data = self.data
         predictions: dict[int, list] = {id(m): [] for m in self.alive}
         start = time.perf_counter()
-        for batch in self.val_loader:
+        for batch in data.val_loader:
             for m in self.alive:
-                predictions[id(m)] += predict_batch(m.state.model, batch, self.spec, m.cfg, self.device)
+                predictions[id(m)] += predict_batch(m.state.model, batch, data.spec, m.state.cfg, data.device)
         seconds = time.perf_counter() - start
-        queries = self.val_loader.dataset.queries
+        queries = data.val_loader.dataset.queries
         for m in self.alive:
-            preds = predictions[id(m)]
             try:
-                metrics = flat_metrics(evaluate(self.spec.name, preds, queries)) if preds else {}
-                key = m.cfg.eval.key_metric
-                if key not in metrics:
-                    raise ConfigError(f"key metric {key!r} is not among the validation metrics "
-                                      f"({', '.join(sorted(metrics))}); set eval.key_metric to one of them")
-                if m.best_value is None or metrics[key] > m.best_value:
-                    m.best_value, m.best_epoch, m.best_metrics = metrics[key], epoch, metrics
-                    write_predictions(m.paths.val_preds, preds)
-                    meta = {"epoch": epoch, "metrics": metrics, "store": self.identity}
-                    save_checkpoint(m.paths.best, m.state.model, m.cfg, {**meta, "split": self.val_split})
-                    write_json_atomic(m.paths.best_json, {
-                        "epoch": epoch, "key_metric": key, "value": metrics[key], "split": self.val_split,
-                        "metrics": metrics,
-                    })
+                validation = score_predictions(data.spec.name, predictions[id(m)], queries, seconds)
+                records[id(m)].update(
+                    record_validation(m.state, validation, m.best, m.paths, data.identity, data.val_split)
+                )
             except Exception as err:
                 m.error = err
-                continue
-            samples_per_s = len(preds) / seconds if seconds > 0 else 0.0
-            records[id(m)].update({"val": metrics, "val_samples_per_s": samples_per_s})
-
-    def _end_epoch(self, m: _Member, record: dict[str, Any]) -> None:
-        append_metrics(m.paths.metrics, record)
-        save_checkpoint(m.paths.last, m.state.model, m.cfg, {
-            "train_state": state_meta(m.state),
-            "rng": m.rng,
-            "best": {"metric": m.cfg.eval.key_metric, "value": m.best_value, "epoch": m.best_epoch,
-                     "metrics": m.best_metrics},
-            "store": self.identity,
-            "loader": {"seed": self.cfg.train.seed, "passes_done": m.state.epoch * self.cfg.train.repeat},
-        })
 
     def run(self) -> None:
         """Train all models for ``train.epochs`` epochs, validating as ``train_run`` does."""
@@ -333,13 +254,14 @@ class SharedPass:
             records: dict[int, dict[str, Any]] = {}
             for m in self.alive:
                 m.state.epoch += 1
-                records[id(m)] = {"epoch": epoch + 1, **m.epoch_log(seconds), "iteration": m.state.iteration}
-            done = epoch + 1
-            if self.val_loader is not None and (done % cfg.train.val_every == 0 or done == cfg.train.epochs):
-                self._validate(done, records)
+                records[id(m)] = {"epoch": m.state.epoch, **m.stats.record(seconds)}
+                records[id(m)]["iteration"] = m.state.iteration
+            due = validation_due(epoch + 1, cfg.train.val_every, cfg.train.epochs)
+            if self.data.val_loader is not None and due:
+                self._validate(records)
             for m in self.alive:
                 try:
-                    self._end_epoch(m, records[id(m)])
+                    end_epoch(m.state, records[id(m)], m.best, m.paths, self.data.identity, m.rng)
                 except Exception as err:
                     m.error = err
             if not self.alive:
@@ -368,7 +290,7 @@ def run_shared_trials(requests: list[TrialRequest]) -> list[TrialRecord]:
     for m in shared.members:
         if m.error is None:
             try:
-                metrics = result_metrics(m.best_metrics, m.best_epoch, m.state.epoch)
+                metrics = result_metrics(m.best.metrics, m.best.epoch, m.state.epoch)
             except ConfigError as err:
                 m.error = err
             else:

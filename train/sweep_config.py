@@ -1,7 +1,7 @@
 """The sweep's view of the run configuration, the store and the trainer.
 
 - :func:`store_arch` / :func:`trial_config`: a trial's :class:`RunConfig` is its preset for the store's
-  backbone, then the sweep's fixed overrides, then its own.
+  backbone, then the sweep's fixed overrides, then its own, with the store's token dims.
 - :func:`check_sweep`: fail before anything runs (unknown key, bad value, store that does not fit
   the preset, no validation split to rank the trials by).
 - :func:`train_trial`: the default trial function, ``train.trainer.train_run`` into the trial folder
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shards.errors import ConfigError
 from shards.store import Manifest, open_store
+from train.compat import config_for_store
 from train.config import RunConfig, apply_overrides, get_preset, normalize_arch
 from train.sweep_trials import TrialRequest
 
@@ -26,29 +27,28 @@ NUM_WORKERS_KEY = "train.num_workers"
 
 
 def store_arch(manifest: Manifest) -> str:
-    """Backbone name of a store for ``model.arch``.
+    """Backbone name of a store for ``model.arch`` (its token dims come from the manifest)."""
+    return normalize_arch(manifest.backbone)
 
-    A backbone unknown to :data:`train.config.BACKBONES` (e.g. a synthetic test store) is registered
-    from the manifest's token shapes, so trial processes need no set-up beyond the store.
+
+def config_on_store(preset: str, manifest: Manifest, store: str | Path, overrides: list[str]) -> RunConfig:
+    """The preset for the backbone of the store with ``manifest``, then ``overrides``, with the store's
+    token dims (:func:`train.compat.config_for_store`).
+
+    Raises:
+        ConfigError: unknown preset or key, bad value. StoreError: a store that does not fit.
     """
-    try:
-        return normalize_arch(manifest.backbone)
-    except ConfigError:
-        from train.synthetic import register_backbone
-
-        register_backbone(manifest.backbone, manifest.video_tokens, manifest.video_width, manifest.text_width,
-                          manifest.frame_size)
-        return manifest.backbone
+    cfg = apply_overrides(get_preset(preset, arch=store_arch(manifest)), overrides)
+    return config_for_store(cfg, manifest, store)
 
 
 def trial_config(preset: str, store: str | Path, overrides: list[str]) -> RunConfig:
-    """The preset for the store's backbone with ``overrides`` (``["key=value", ...]``) applied.
+    """:func:`config_on_store` for the store at ``store`` with ``overrides`` (``["key=value", ...]``).
 
     Raises:
-        ConfigError: unknown preset or key, bad value. StoreError: unreadable store.
+        ConfigError: unknown preset or key, bad value. StoreError: unreadable store, or one that does not fit.
     """
-    arch = store_arch(open_store(store).manifest)
-    return apply_overrides(get_preset(preset, arch=arch), overrides)
+    return config_on_store(preset, open_store(store).manifest, store, overrides)
 
 
 def request_config(request: TrialRequest) -> RunConfig:
@@ -71,22 +71,19 @@ def check_sweep(preset: str, store: str | Path, trials: list[list[str]]) -> tupl
         reference's key metrics are recalls / mAPs) and the store's backbone name.
 
     Raises:
-        ConfigError: a bad override (the message names it), or a store without a validation split.
+        ConfigError: a bad override (the message names it), or a trial without a validation split.
         StoreError: a store that does not fit the preset.
     """
-    from train.compat import check_config_store
     from train.trainer import choose_val_split
 
     handle = open_store(store)
-    arch = store_arch(handle.manifest)
-    base = get_preset(preset, arch=arch)
     for overrides in trials:
-        cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
-        check_config_store(cfg, handle.manifest, store)
-    if choose_val_split(handle, base, None) is None:
-        raise ConfigError(f"store {store} has no 'val' or 'test' queries for preset {preset!r}: "
-                          "a sweep ranks trials by validation metrics")
-    return base.eval.key_metric, True, arch
+        cfg = config_on_store(preset, handle.manifest, store, overrides)
+        if choose_val_split(handle, cfg) is None:
+            raise ConfigError(f"store {store} has no 'val' or 'test' queries for preset {preset!r}: "
+                              "a sweep ranks trials by validation metrics (or --set train.val_split=NAME)")
+    base = get_preset(preset, arch=store_arch(handle.manifest))
+    return base.eval.key_metric, True, store_arch(handle.manifest)
 
 
 def fresh_trial_dir(trial_dir: Path) -> bool:

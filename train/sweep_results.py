@@ -14,14 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from train.runlog import write_json_atomic, write_text_atomic
+from train.runlog import atomic_path, write_json_atomic, write_text_atomic
 from train.sweep_trials import TrialRecord
 
 if TYPE_CHECKING:
@@ -200,14 +198,8 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
         ax.grid(True, alpha=0.3)
     fig.axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"sweep of {result.plan.spec.preset}: {len(done)} finished trials")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return True
 
 

@@ -7,8 +7,9 @@ query tokens of moment c are noise plus ``signal * t_c``. A model can only place
 matching the two directions, and held-out videos (another split) reuse the vocabulary with new
 placements, so held-out recall measures learning, not memorisation.
 
-The store is written with :mod:`shards.store`; its backbone name either is a real one (token shapes
-of e.g. ViT-B-32, for benchmarks) or one registered by :func:`register_backbone` (tiny shapes).
+The store is written with :mod:`shards.store`; its manifest records the backbone name and the token
+dims of the spec (real ones such as ViT-B-32's for benchmarks, tiny ones for tests), and
+:func:`synthetic_run_config` gives the model those dims explicitly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import numpy as np
 
 from shards.schema import Query
 from shards.store import FeatureStore, create_store, make_manifest
-from train.config import BACKBONES, BackboneDims, RunConfig, apply_overrides, get_preset
+from train.config import RunConfig, apply_overrides, get_preset
+
+SYNTHETIC_FRAME_SIZE = 224
+"""Frame size written into the manifest of a synthetic store (nominal: no frames are decoded)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class SyntheticSpec:
         n_heldout: videos of split ``heldout_split``.
         heldout_split: split name of the held-out videos (``val`` or ``test``).
         dataset: dataset registry name written into the manifest and the annotations.
-        backbone: manifest backbone name.
+        backbone: manifest backbone name (any name: the dims above are recorded with it).
         seed: everything is drawn from ``numpy.random.default_rng(seed)``.
     """
 
@@ -66,19 +70,6 @@ class SyntheticSpec:
     dataset: str = "tacos"
     backbone: str = "synthetic-tiny"
     seed: int = 0
-
-
-def register_backbone(name: str, tokens: int, width: int, text_width: int, frame_size: int = 224) -> None:
-    """Make ``name`` a known backbone of :mod:`train.config` with token shapes ``(P, C)`` and ``Cq``.
-
-    Raises:
-        ValueError: ``name`` is already registered with other shapes.
-    """
-    dims = BackboneDims(tokens, width, text_width, frame_size)
-    known = BACKBONES.get(name)
-    if known is not None and known != dims:
-        raise ValueError(f"backbone {name!r} is already registered with {known}, not {dims}")
-    BACKBONES[name] = dims
 
 
 def _placements(rng: np.random.Generator, spec: SyntheticSpec) -> list[tuple[int, int]]:
@@ -115,8 +106,6 @@ def make_synthetic_store(path: str | Path, spec: SyntheticSpec) -> FeatureStore:
     """
     if spec.disjoint and spec.queries_per_video > spec.concepts:
         raise ValueError("disjoint moments need queries_per_video <= concepts (one concept per moment)")
-    if spec.backbone not in BACKBONES:
-        register_backbone(spec.backbone, spec.tokens, spec.width, spec.text_width)
     rng = np.random.default_rng(spec.seed)
     video_dirs = _unit_rows(rng, spec.concepts, spec.width) * spec.signal
     text_dirs = _unit_rows(rng, spec.concepts, spec.text_width) * spec.signal
@@ -126,7 +115,7 @@ def make_synthetic_store(path: str | Path, spec: SyntheticSpec) -> FeatureStore:
         pretrained=f"random:{spec.seed}",
         weights_sha256=f"synthetic-{spec.seed}",
         layers=spec.layers,
-        frame_size=BACKBONES[spec.backbone].frame_size,
+        frame_size=SYNTHETIC_FRAME_SIZE,
         fps=spec.fps,
         video_tokens=spec.tokens,
         video_width=spec.width,
@@ -162,8 +151,12 @@ def make_synthetic_store(path: str | Path, spec: SyntheticSpec) -> FeatureStore:
 def synthetic_run_config(
     spec: SyntheticSpec, preset: str = "tacos", overrides: Sequence[str] = ()
 ) -> RunConfig:
-    """Preset ``preset`` adapted to a synthetic store of ``spec`` (backbone, layers), then ``overrides``."""
-    if spec.backbone not in BACKBONES:
-        register_backbone(spec.backbone, spec.tokens, spec.width, spec.text_width)
-    cfg = get_preset(preset)
-    return apply_overrides(cfg, [f"model.arch={spec.backbone}", f"model.layers={spec.layers}", *overrides])
+    """Preset ``preset`` adapted to a synthetic store of ``spec`` (backbone, token dims, layers), then
+    ``overrides``."""
+    fitted = [
+        f"model.video_tokens={spec.tokens}",
+        f"model.video_width={spec.width}",
+        f"model.text_width={spec.text_width}",
+        f"model.layers={spec.layers}",
+    ]
+    return apply_overrides(get_preset(preset, arch=spec.backbone), [*fitted, *overrides])

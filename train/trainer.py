@@ -1,18 +1,20 @@
 """The training loop: a feature store in, a scored checkpoint out.
 
-:func:`train_run` streams the store's ``train`` split with :class:`shards.loader.StreamingLoader`
-(queries of one video share one read of its tokens), takes optimizer steps with :mod:`train.step`,
-validates every ``train.val_every`` epochs with :mod:`train.evaluate`, keeps the best checkpoint on
-the preset's key metric and writes the run directory described in :mod:`train.runlog`. CLIP is
-never loaded. An interrupted run continues with ``resume=True`` from its last completed epoch,
-bit-for-bit on CPU: weights, optimizer, scaler, counters and the python/numpy/torch generator states
-are restored, and the loader order and positive-clip draws are pure functions of (seed, epoch).
+:func:`train_run` streams the store's ``train.train_split`` with
+:class:`shards.loader.StreamingLoader` (queries of one video share one read of its tokens), takes
+optimizer steps with :mod:`train.step`, validates every ``train.val_every`` epochs with
+:mod:`train.evaluate`, keeps the best checkpoint on the preset's key metric and writes the run
+directory described in :mod:`train.runlog` (through :mod:`train.records`, as the sweep's shared pass
+does). CLIP is never loaded. An interrupted run continues with ``resume=True`` from its last
+completed epoch, bit-for-bit on CPU: weights, optimizer, scaler, counters and the python/numpy/torch
+generator states are restored, and the loader order and positive-clip draws are pure functions of
+(seed, epoch).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,27 +23,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.predictions import write_predictions
 from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import CheckpointError, ConfigError
 from shards.loader import LoaderConfig, StreamingLoader
 from shards.schema import Query
-from shards.store import FeatureStore, open_store
-from train.batching import model_inputs
-from train.checkpoint import Checkpoint, load_weights, read_checkpoint, save_checkpoint
-from train.compat import check_config_store, open_store_for, store_identity
+from shards.store import FeatureStore, Manifest, open_store
+from train.batching import ModelInputs, model_inputs
+from train.checkpoint import Checkpoint, load_weights, read_checkpoint
+from train.compat import config_for_store, open_store_for, store_identity, with_token_dims
 from train.config import RunConfig
-from train.evaluate import Validation, validate, validation_loader
+from train.evaluate import validate, validation_loader
+from train.records import Best, EpochStats, end_epoch, record_validation, validation_due
 from train.rng import capture_rng, restore_rng, seed_everything
-from train.runlog import (
-    RunPaths,
-    append_metrics,
-    prepare_run_dir,
-    read_metrics,
-    truncate_metrics,
-    write_json_atomic,
-)
-from train.step import TrainState, build_state, load_state_meta, resolve_device, state_meta, train_step
+from train.runlog import RunPaths, prepare_run_dir, read_metrics, truncate_metrics, write_json_atomic
+from train.step import TrainState, build_state, load_state_meta, resolve_device, train_step
 from train.targets_data import query_targets
 
 MIN_TRAIN_VIDEO_SECONDS = 5.0
@@ -111,13 +106,25 @@ def trainable_queries(store: FeatureStore, cfg: RunConfig, split: str) -> set:
     return keep
 
 
-def choose_val_split(store: FeatureStore, cfg: RunConfig, val_split: str | None) -> str | None:
-    """``val_split`` if given, else ``val`` when the store has such queries, else ``test``, else ``None``."""
-    if val_split:
-        return val_split
+def choose_val_split(store: FeatureStore, cfg: RunConfig) -> str | None:
+    """``cfg.train.val_split`` if set, else ``val`` when the store has such queries, else ``test``, else
+    ``None`` (queries outside ``cfg.domain`` do not count).
+
+    Raises:
+        ConfigError: ``cfg.train.val_split`` names a split the store has no queries of.
+    """
     in_domain = domain_filter(cfg)
     present = {q.split for q in store.annotations() if in_domain is None or in_domain(q)}
-    return next((s for s in ("val", "test") if s in present), None)
+    wanted = cfg.train.val_split
+    if wanted is None:
+        return next((s for s in ("val", "test") if s in present), None)
+    if wanted not in present:
+        raise ConfigError(
+            f"train.val_split is {wanted!r} but the store has no such queries"
+            + (f" of domain {cfg.domain!r}" if cfg.domain else "")
+            + f" (its splits: {', '.join(sorted(present)) or 'none'}); set train.val_split to one of them"
+        )
+    return wanted
 
 
 def train_loader(store_path: str | Path, cfg: RunConfig, split: str, keep: set, pin: bool) -> StreamingLoader:
@@ -129,9 +136,92 @@ def train_loader(store_path: str | Path, cfg: RunConfig, split: str, keep: set, 
         shuffle=True,
         seed=cfg.train.seed,
         num_workers=cfg.train.num_workers,
+        max_bytes=int(cfg.train.loader_memory_gb * 2**30),
         clamp_moments=False,
     )
     return StreamingLoader(store_path, config, query_filter=_TrainableQueries(keep), pin_memory=pin)
+
+
+@dataclass
+class RunData:
+    """The data side of a run: what it reads, from where, onto which device. The sweep's shared pass
+    makes one for the K models that share it.
+
+    Attributes:
+        store_path: the feature store.
+        manifest: its manifest.
+        identity: the manifest fields checkpoints record (:func:`train.compat.store_identity`).
+        spec: the dataset.
+        device: where batches go.
+        train_split: split trained on.
+        val_split: split validated on (``None``: no validation).
+        loader: shuffled loader over the trainable queries of ``train_split``.
+        val_loader: loader over ``val_split`` (``None`` without validation or without queries).
+    """
+
+    store_path: str | Path
+    manifest: Manifest
+    identity: dict[str, Any]
+    spec: DatasetSpec
+    device: torch.device
+    train_split: str
+    val_split: str | None
+    loader: StreamingLoader
+    val_loader: StreamingLoader | None
+
+    def write_run_info(self, paths: RunPaths, cfg: RunConfig, amp: bool) -> None:
+        """Write ``config.json`` (the resolved ``cfg``) and ``run.json`` (store, splits, device, AMP)."""
+        write_json_atomic(paths.config, cfg.to_dict())
+        write_json_atomic(paths.run, {
+            "store": str(Path(self.store_path).resolve()),
+            "manifest": self.manifest.to_attrs(),
+            "train_split": self.train_split,
+            "val_split": self.val_split,
+            "train_queries": self.loader.num_queries,
+            "device": str(self.device),
+            "amp": amp,
+        })
+
+
+def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[RunConfig, RunData]:
+    """Open the store for ``cfg`` and select the data of the run.
+
+    Returns:
+        ``cfg`` with the store's token dims (:func:`train.compat.config_for_store`), and the data.
+
+    Raises:
+        StoreError: missing store, or one that does not fit ``cfg``.
+        ConfigError: unknown device, no trainable queries in ``train.train_split``, or a
+            ``train.val_split`` the store does not have.
+    """
+    store = open_store(store_path)
+    cfg = config_for_store(cfg, store.manifest, store_path)
+    torch_device = resolve_device(device)
+    split = cfg.train.train_split
+    keep = trainable_queries(store, cfg, split)
+    if not keep:
+        raise ConfigError(
+            f"store {store_path} has no trainable queries in split {split!r}"
+            + (f" of domain {cfg.domain!r}" if cfg.domain else "")
+            + "; check train.train_split and the annotations"
+        )
+    val_split = choose_val_split(store, cfg)
+    val_loader = None
+    if val_split is not None:
+        val_loader = validation_loader(store_path, cfg, val_split, query_filter=domain_filter(cfg))
+        val_loader = val_loader if val_loader.num_queries else None
+    data = RunData(
+        store_path=store_path,
+        manifest=store.manifest,
+        identity=store_identity(store.manifest),
+        spec=get_dataset(cfg.dataset),
+        device=torch_device,
+        train_split=split,
+        val_split=val_split,
+        loader=train_loader(store_path, cfg, split, keep, pin=torch_device.type == "cuda"),
+        val_loader=val_loader,
+    )
+    return cfg, data
 
 
 def pos_clip_generator(seed: int, pass_index: int) -> torch.Generator:
@@ -140,47 +230,39 @@ def pos_clip_generator(seed: int, pass_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def epoch_inputs(
+    loader: StreamingLoader, cfg: RunConfig, spec: DatasetSpec, device: torch.device, epoch: int
+) -> Iterator[tuple[ModelInputs, int]]:
+    """Model inputs of every batch of 0-based ``epoch`` (``cfg.train.repeat`` passes of ``loader``) with the
+    number of queries in the batch. The order and the positive-clip draws depend on (seed, pass) only."""
+    for r in range(cfg.train.repeat):
+        pass_index = epoch * cfg.train.repeat + r
+        loader.set_epoch(pass_index)
+        generator = pos_clip_generator(cfg.train.seed, pass_index)
+        for batch in loader:
+            yield model_inputs(batch, spec, cfg.model.layers, device, generator), len(batch)
+
+
 def train_epoch(
     state: TrainState, loader: StreamingLoader, spec: DatasetSpec, bar: tqdm | None = None
 ) -> dict[str, Any]:
     """Run ``cfg.train.repeat`` passes of the loader as epoch ``state.epoch``; returns the epoch's log."""
-    cfg = state.cfg
-    totals: dict[str, float] = {}
-    steps = skipped = samples = 0
-    lr = state.schedule.lr_at(state.epoch, state.iteration)
+    stats = EpochStats(lr=state.schedule.lr_at(state.epoch, state.iteration))
     start = time.perf_counter()
-    for r in range(cfg.train.repeat):
-        pass_index = state.epoch * cfg.train.repeat + r
-        loader.set_epoch(pass_index)
-        generator = pos_clip_generator(cfg.train.seed, pass_index)
-        for batch in loader:
-            inputs = model_inputs(batch, spec, cfg.model.layers, state.device, generator)
-            out = train_step(state, inputs)
-            lr = out.pop("lr")
-            skipped += int(out.pop("skipped"))
-            out.pop("grad_norm")
-            for name, value in out.items():
-                totals[name] = totals.get(name, 0.0) + value
-            steps += 1
-            samples += len(batch)
-            if bar is not None:
-                elapsed = time.perf_counter() - start
-                bar.update(len(batch))
-                bar.set_postfix(loss=f"{out['loss']:.4f}", sps=f"{samples / elapsed:.1f}")
-    seconds = time.perf_counter() - start
-    return {
-        "train": {name: value / max(steps, 1) for name, value in totals.items()},
-        "lr": lr,
-        "steps": steps,
-        "skipped_steps": skipped,
-        "samples": samples,
-        "samples_per_s": samples / seconds if seconds > 0 else 0.0,
-        "train_seconds": seconds,
-    }
+    for inputs, size in epoch_inputs(loader, state.cfg, spec, state.device, state.epoch):
+        out = train_step(state, inputs)
+        stats.add(out, size)
+        if bar is not None:
+            rate = stats.samples / (time.perf_counter() - start)
+            bar.update(size)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", sps=f"{rate:.1f}")
+    return stats.record(time.perf_counter() - start)
 
 
 def _check_resume_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
-    """Refuse to resume ``ckpt`` with a config that differs beyond :data:`RESUMABLE_CHANGES`."""
+    """Refuse to resume ``ckpt`` with a config that differs beyond :data:`RESUMABLE_CHANGES`.
+
+    ``cfg`` has the store's token dims; a stored config without them (older runs) takes the same."""
     if ckpt.config is None:
         raise CheckpointError(
             f"{ckpt.path} holds no config; it was not written by `r2 train` and cannot be resumed"
@@ -192,7 +274,7 @@ def _check_resume_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
             f"resume with --preset {stored_preset} or choose another --out"
         )
     try:
-        stored = RunConfig.from_dict(ckpt.config).to_dict()
+        stored = with_token_dims(RunConfig.from_dict(ckpt.config), cfg.model.token_dims()).to_dict()
     except ConfigError as err:
         raise CheckpointError(f"{ckpt.path}: stored config is invalid: {err}") from None
     diffs = [
@@ -218,18 +300,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[
     return out
 
 
-@dataclass
-class _Best:
-    metric: str
-    value: float | None = None
-    epoch: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def improves(self, value: float) -> bool:
-        return self.value is None or value > self.value
-
-
-def _resume(paths: RunPaths, cfg: RunConfig, store_path: str | Path, state: TrainState, best: _Best) -> None:
+def _resume(paths: RunPaths, cfg: RunConfig, store_path: str | Path, state: TrainState, best: Best) -> None:
     """Load ``last.pt`` into ``state`` and ``best``; checks preset, config and store first."""
     ckpt = read_checkpoint(paths.last)
     _check_resume_config(ckpt, cfg)
@@ -242,48 +313,7 @@ def _resume(paths: RunPaths, cfg: RunConfig, store_path: str | Path, state: Trai
     load_weights(state.model, ckpt.state_dict, f"checkpoint {paths.last}", cfg)
     load_state_meta(state, meta["train_state"])
     restore_rng(meta["rng"])
-    saved = meta.get("best") or {}
-    best.value, best.epoch = saved.get("value"), saved.get("epoch")
-    best.metrics = dict(saved.get("metrics") or {})
-
-
-def _key_value(validation: Validation, key: str) -> float:
-    if key not in validation.metrics:
-        known = ", ".join(sorted(validation.metrics))
-        raise ConfigError(
-            f"key metric {key!r} is not among the validation metrics ({known}); "
-            "set eval.key_metric to one of them"
-        )
-    return validation.metrics[key]
-
-
-def _validate_epoch(
-    state: TrainState,
-    loader: StreamingLoader,
-    best: _Best,
-    paths: RunPaths,
-    identity: dict[str, Any],
-    split: str,
-    progress: bool,
-) -> dict[str, Any]:
-    """Validate after epoch ``state.epoch``; a new best writes best.pt, best.json and val_preds.jsonl.
-
-    Returns the metrics-log fields of the validation.
-    """
-    cfg = state.cfg
-    with tqdm(total=loader.num_queries, desc="validate", unit="q", disable=not progress, leave=False) as bar:
-        validation = validate(state.model, loader, cfg, state.device, progress=bar.update)
-    value = _key_value(validation, best.metric)
-    if best.improves(value):
-        best.value, best.epoch, best.metrics = value, state.epoch, validation.metrics
-        write_predictions(paths.val_preds, validation.predictions)
-        meta = {"epoch": state.epoch, "metrics": validation.metrics, "store": identity, "split": split}
-        save_checkpoint(paths.best, state.model, cfg, meta)
-        write_json_atomic(paths.best_json, {
-            "epoch": state.epoch, "key_metric": best.metric, "value": value, "split": split,
-            "metrics": validation.metrics,
-        })
-    return {"val": validation.metrics, "val_samples_per_s": validation.samples_per_s}
+    best.load_meta(meta.get("best") or {})
 
 
 def train_run(
@@ -293,11 +323,12 @@ def train_run(
     resume: bool = False,
     device: str = "cpu",
     progress: bool = True,
-    *,
-    train_split: str = "train",
-    val_split: str | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on the store at ``store_path``, writing the run directory ``out_dir``.
+
+    Trains on ``cfg.train.train_split`` and validates on ``cfg.train.val_split`` (default ``val`` if
+    the store has it, else ``test``, else none). ``config.json`` and the checkpoints hold ``cfg`` with
+    the store's token dims.
 
     Args:
         cfg: resolved run config (preset + overrides).
@@ -307,80 +338,43 @@ def train_run(
             is empty); ``cfg`` may differ from the stored config only in :data:`RESUMABLE_CHANGES`.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; fp16 AMP runs on CUDA when ``cfg.train.amp``.
         progress: show tqdm bars on stderr.
-        train_split: split trained on.
-        val_split: split validated on; default ``val`` if the store has it, else ``test``, else none.
 
     Raises:
         RunDirError: ``out_dir`` holds an earlier run and ``resume`` is off.
         StoreError: missing store, or a store that does not fit ``cfg`` or the resumed checkpoint.
         CheckpointError: corrupt ``last.pt``, or one of another preset / config.
-        ConfigError: no trainable queries, unknown device, or a key metric validation does not report.
+        ConfigError: no trainable queries, a missing validation split, unknown device, or a key metric
+            validation does not report.
     """
-    store = open_store(store_path)
-    check_config_store(cfg, store.manifest, store_path)
-    spec = get_dataset(cfg.dataset)
-    torch_device = resolve_device(device)
-    keep = trainable_queries(store, cfg, train_split)
-    if not keep:
-        raise ConfigError(
-            f"store {store_path} has no trainable queries in split {train_split!r}"
-            + (f" of domain {cfg.domain!r}" if cfg.domain else "")
-            + "; check the split names and annotations"
-        )
-    val_split = choose_val_split(store, cfg, val_split)
+    cfg, data = open_run_data(cfg, store_path, device)
     paths, resuming = prepare_run_dir(out_dir, resume)
-
     seed_everything(cfg.train.seed)
-    state = build_state(cfg, torch_device)
-    best = _Best(cfg.eval.key_metric)
+    state = build_state(cfg, data.device)
+    best = Best(cfg.eval.key_metric)
     if resuming:
         _resume(paths, cfg, store_path, state, best)
         truncate_metrics(paths.metrics, state.epoch)
-    loader = train_loader(store_path, cfg, train_split, keep, pin=torch_device.type == "cuda")
-    write_json_atomic(paths.config, cfg.to_dict())
-    write_json_atomic(
-        paths.run,
-        {
-            "store": str(Path(store_path).resolve()),
-            "manifest": store.manifest.to_attrs(),
-            "train_split": train_split,
-            "val_split": val_split,
-            "train_queries": loader.num_queries,
-            "device": str(torch_device),
-            "amp": state.amp,
-        },
-    )
-    val_loader = None
-    if val_split is not None:
-        val_loader = validation_loader(store_path, cfg, val_split, query_filter=domain_filter(cfg))
-        if val_loader.num_queries == 0:
-            val_loader = None
-    identity = store_identity(store.manifest)
+    data.write_run_info(paths, cfg, state.amp)
 
     while state.epoch < cfg.train.epochs:
         bar = tqdm(
-            total=loader.num_queries * cfg.train.repeat,
+            total=data.loader.num_queries * cfg.train.repeat,
             desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
             unit="q",
             disable=not progress,
             leave=False,
         )
         with bar:
-            record: dict[str, Any] = {"epoch": state.epoch + 1, **train_epoch(state, loader, spec, bar)}
+            record: dict[str, Any] = {"epoch": state.epoch + 1}
+            record.update(train_epoch(state, data.loader, data.spec, bar))
         state.epoch += 1
         record["iteration"] = state.iteration
-        due = state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs
-        if val_loader is not None and due:
-            record.update(_validate_epoch(state, val_loader, best, paths, identity, val_split, progress))
-        append_metrics(paths.metrics, record)
-        save_checkpoint(paths.last, state.model, cfg, {
-            "train_state": state_meta(state),
-            "rng": capture_rng(),
-            "best": {"metric": best.metric, "value": best.value, "epoch": best.epoch,
-                     "metrics": best.metrics},
-            "store": identity,
-            "loader": {"seed": cfg.train.seed, "passes_done": state.epoch * cfg.train.repeat},
-        })
+        if data.val_loader is not None and validation_due(state.epoch, cfg.train.val_every, cfg.train.epochs):
+            total = data.val_loader.num_queries
+            with tqdm(total=total, desc="validate", unit="q", disable=not progress, leave=False) as vbar:
+                validation = validate(state.model, data.val_loader, cfg, data.device, progress=vbar.update)
+            record.update(record_validation(state, validation, best, paths, data.identity, data.val_split))
+        end_epoch(state, record, best, paths, data.identity, capture_rng())
 
     return TrainResult(
         run_dir=paths.root,

@@ -37,17 +37,20 @@ class R2Tuning(nn.Module):
     Pooling, heads and losses always run in fp32 (autocast disabled), as in the reference.
 
     Args:
-        cfg: architecture. loss_cfg: loss weights (defaults: the reference moment-retrieval losses).
+        cfg: architecture; its token dims (P, C, Cq) must be known (``cfg.token_dims()`` raises
+            ``ConfigError`` otherwise).
+        loss_cfg: loss weights (defaults: the reference moment-retrieval losses).
     """
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.token_dims = cfg.token_dims()
         loss_cfg = loss_cfg or LossConfig()
         self.coef = nn.Parameter(torch.ones(len(cfg.strides)))
         self.adapter = R2Block(
-            cfg.video_width,
-            cfg.text_width,
+            self.token_dims.video_width,
+            self.token_dims.text_width,
             dims=cfg.dims,
             layers=cfg.layers,
             use_tef=cfg.use_tef,
@@ -149,8 +152,9 @@ class R2Tuning(nn.Module):
         video, video_mask = _split_padding(data["video"])
         query, query_mask = _split_padding(data["query"])
         (batch, frames), tokens = video.shape[:2], query.size(1)
-        video = video.view(batch, frames, -1, self.cfg.video_tokens, self.cfg.video_width)
-        query = query.view(batch, tokens, -1, self.cfg.text_width)
+        dims = self.token_dims
+        video = video.view(batch, frames, -1, dims.video_tokens, dims.video_width)
+        query = query.view(batch, tokens, -1, dims.text_width)
         fps = torch.as_tensor(data["fps"], dtype=torch.float32, device=video.device).reshape(batch)
         targets = None
         if mode != "test":

@@ -1,0 +1,37 @@
+"""Helpers shared by the training benchmarks (``bench_train.py``, ``bench_sweep.py``): the machine line of
+a report and a cold page cache. Imported as ``benchlib`` (the scripts run as ``python scripts/bench_*.py``,
+which puts this folder on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    """CPU model, usable cores, RAM, Python and torch versions, torch threads, GPU (or "CPU only")."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return (f"{cpu}, {cores} usable cores, {ram:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}")
+
+
+def drop_cache(root: Path) -> None:
+    """Evict every file under ``root`` from the page cache (``posix_fadvise(DONTNEED)``: no privileges)."""
+    os.sync()
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
