@@ -22,7 +22,6 @@ DEVICE ?= auto
 CACHE ?= cache
 RUNS ?= runs
 DATA ?= data
-SET ?=
 GRID ?= --grid lr=1e-4,2.5e-4,5e-4 --grid loss_sal=0.05,0.1
 SAMPLE := tests/data/sample
 
@@ -30,7 +29,10 @@ ifeq ($(DATASET),sample)
 STORE ?= $(CACHE)/sample.zarr
 PRESET ?= charades
 EXTRACT_ARGS = --sample --out $(STORE)
+# the sample has 4 training queries: a few short epochs instead of the preset's 50
+SET ?= --set epochs=3 --set batch_size=4 --set warmup=4 --set train.num_workers=0
 else
+SET ?=
 STORE ?= $(CACHE)/$(DATASET)/$(ARCH)_k$(LAYERS).zarr
 PRESET ?= $(DATASET)
 EXTRACT_ARGS = --dataset $(DATASET) --videos $(DATA)/$(DATASET)/videos \
@@ -75,7 +77,7 @@ demo: $(STAMP)
 	$(BIN)/r2 shards verify $(CACHE)/sample.zarr
 	rm -rf $(DEMO_RUN)
 	$(BIN)/r2 train --preset charades --store $(CACHE)/sample.zarr --out $(DEMO_RUN) --device cpu \
-		--set epochs=8 --set batch_size=4 --set optim.warmup_iters=4 --set train.num_workers=0
+		--set epochs=8 --set batch_size=4 --set warmup=4 --set train.num_workers=0
 	$(BIN)/r2 eval --dataset charades --predictions $(DEMO_RUN)/val_preds.jsonl \
 		--annotations $(SAMPLE)/charades_sample_test.jsonl
 	$(BIN)/r2 predict $(SAMPLE)/univtg_charades.mp4 "$(DEMO_QUERY)" --checkpoint $(DEMO_RUN)/best.pt \
