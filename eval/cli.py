@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import typer
@@ -13,24 +11,11 @@ from eval.metrics import evaluate
 from eval.predictions import read_predictions
 from eval.table import format_table
 from shards.annotations import infer_split, load_annotations
+from shards.atomic import atomic_path
+from shards.cliutil import USER_ERROR_EXIT, user_errors
 from shards.datasets import DatasetSpec, dataset_names, get_dataset
-from shards.errors import R2Error
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _split(spec: DatasetSpec, path: Path) -> str:
@@ -60,18 +45,17 @@ def eval_command(
     ),
 ) -> None:
     """Score a prediction file with the dataset's official metrics (files are scored as given)."""
-    try:
+    with user_errors():
         spec = get_dataset(dataset)
         ground_truth = load_annotations(spec.name, annotations, _split(spec, annotations))
         metrics = evaluate(spec.name, read_predictions(predictions), ground_truth, allow_missing)
-        if out is not None:
-            _write_json(out, metrics)
-    except R2Error as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
-    except OSError as err:
-        typer.echo(f"error: cannot write {out}: {err.strerror}; choose a writable --out path", err=True)
-        raise typer.Exit(2) from err
+    if out is not None:
+        try:
+            with atomic_path(out) as tmp:
+                tmp.write_text(json.dumps(metrics, indent=4) + "\n", encoding="utf-8")
+        except OSError as err:
+            typer.echo(f"error: cannot write {out}: {err.strerror}; choose a writable --out path", err=True)
+            raise typer.Exit(USER_ERROR_EXIT) from err
     if as_json:
         typer.echo(json.dumps(metrics, indent=4))
     else:

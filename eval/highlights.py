@@ -105,13 +105,16 @@ def _by_domain(
     return per_domain
 
 
-def _report(domain_map: dict[str, float], videos: dict[str, int], order: Sequence[str]) -> dict[str, Any]:
+def _report(
+    domain_map: dict[str, float], per_domain: dict[str, list[Any]], order: Sequence[str]
+) -> dict[str, Any]:
+    """The result dict from the mAP of each domain; ``per_domain`` (one AP per video) gives the counts."""
     names = sorted(domain_map, key=lambda d: (order.index(d) if d in order else len(order), d))
     brief = {f"{d}-mAP": percent(domain_map[d]) for d in names}
     brief["mAP"] = percent(_mean([domain_map[d] for d in names]))
     return {
         "brief": brief,
-        "domains": {d: {"mAP": percent(domain_map[d]), "videos": videos[d]} for d in names},
+        "domains": {d: {"mAP": percent(domain_map[d]), "videos": len(per_domain[d])} for d in names},
     }
 
 
@@ -140,9 +143,7 @@ def youtube_map(
     """
     pairs = pair_with_ground_truth(predictions, ground_truth, allow_missing)
     per_domain = _by_domain(pairs, lambda s, q: youtube_video_ap(s, _saliency_field(q, "match")))
-    return _report(
-        {d: _mean(aps) for d, aps in per_domain.items()}, {d: len(a) for d, a in per_domain.items()}, domains
-    )
+    return _report({d: _mean(aps) for d, aps in per_domain.items()}, per_domain, domains)
 
 
 def tvsum_top5_map(
@@ -168,4 +169,4 @@ def tvsum_top5_map(
     for domain, aps in per_domain.items():
         per_annotator = np.stack(aps)  # (videos, annotators)
         domain_map[domain] = _mean([_mean(per_annotator[:, a]) for a in range(per_annotator.shape[1])])
-    return _report(domain_map, {d: len(a) for d, a in per_domain.items()}, domains)
+    return _report(domain_map, per_domain, domains)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from shards.atomic import atomic_path
 from shards.errors import R2Error
+from shards.jsonl import read_json_objects
 from shards.schema import Query
 
 WINDOWS_KEY = "pred_relevant_windows"
@@ -79,23 +79,10 @@ def read_predictions(path: str | Path) -> list[QueryPrediction]:
         raise PredictionError(
             f"{path}: prediction file {what}; pass the .jsonl file written by r2 train/predict"
         )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PredictionError(f"{path}: cannot read the prediction file as UTF-8 text: {exc}") from exc
     predictions: list[QueryPrediction] = []
     first_line: dict[str, int] = {}
-    for number, row in enumerate(text.split("\n"), start=1):
-        if not row.strip():
-            continue
+    for number, record in read_json_objects(path, PredictionError):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(row)
-        except json.JSONDecodeError as exc:
-            raise PredictionError(
-                f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                f"expected one JSON object per line"
-            ) from exc
         prediction = parse_record(record, where)
         key = str(prediction.qid)
         if key in first_line:
@@ -172,17 +159,9 @@ def as_prediction(item: QueryPrediction | Mapping[str, Any]) -> QueryPrediction:
 
 def write_predictions(path: str | Path, predictions: Iterable[QueryPrediction | Mapping[str, Any]]) -> None:
     """Write predictions as JSON Lines atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for item in predictions:
-                f.write(json.dumps(as_prediction(item).to_dict()) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for item in predictions:
+            f.write(json.dumps(as_prediction(item).to_dict()) + "\n")
 
 
 def pair_with_ground_truth(

@@ -18,13 +18,14 @@ import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import open_clip
 import torch
 
 from shards.errors import R2Error
+from shards.manifest import Manifest, make_manifest
 
 log = logging.getLogger(__name__)
 
@@ -192,23 +193,6 @@ def resolve_device(device: str) -> torch.device:
 class BackboneInfo:
     """What a store's manifest records about the backbone (picklable; no model inside).
 
-    Attributes: see :class:`ClipBackbone`.
-    """
-
-    name: str
-    pretrained: str
-    weights_sha256: str
-    layers: int
-    frame_size: int
-    video_tokens: int
-    video_width: int
-    text_width: int
-
-
-@dataclass
-class ClipBackbone:
-    """A frozen open_clip model that outputs the raw residual stream of its last ``layers`` blocks.
-
     Attributes:
         name: open_clip model name, e.g. ``ViT-B-32-quickgelu``.
         pretrained: ``openai``, the weights file path, or ``random:<seed>``.
@@ -218,11 +202,8 @@ class ClipBackbone:
         video_tokens: P, tokens per frame including CLS (50 for B/32).
         video_width: C, visual width (768 for B/32).
         text_width: Cq, text width (512 for B/32).
-        device: where the model runs; fp16 autocast is used on CUDA only.
     """
 
-    model: torch.nn.Module
-    tokenizer: object
     name: str
     pretrained: str
     weights_sha256: str
@@ -231,20 +212,41 @@ class ClipBackbone:
     video_tokens: int
     video_width: int
     text_width: int
+
+    def manifest(self, dataset: str, fps: float | None) -> Manifest:
+        """The manifest of a ``dataset`` store of this backbone's tokens at ``fps`` clips per second
+        (``None`` = per video)."""
+        return make_manifest(
+            dataset=dataset,
+            backbone=self.name,
+            pretrained=self.pretrained,
+            weights_sha256=self.weights_sha256,
+            layers=self.layers,
+            frame_size=self.frame_size,
+            fps=fps,
+            video_tokens=self.video_tokens,
+            video_width=self.video_width,
+            text_width=self.text_width,
+        )
+
+
+@dataclass(frozen=True)
+class ClipBackbone(BackboneInfo):
+    """A frozen open_clip model that outputs the raw residual stream of its last ``layers`` blocks.
+
+    Attributes (besides those of :class:`BackboneInfo`):
+        model: the open_clip ``CLIP`` module (eval mode, no gradients).
+        tokenizer: its open_clip tokenizer.
+        device: where the model runs; fp16 autocast is used on CUDA only.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
     device: torch.device
 
     def info(self) -> BackboneInfo:
-        """The manifest-relevant description of this backbone."""
-        return BackboneInfo(
-            self.name,
-            self.pretrained,
-            self.weights_sha256,
-            self.layers,
-            self.frame_size,
-            self.video_tokens,
-            self.video_width,
-            self.text_width,
-        )
+        """The manifest-relevant description of this backbone (without the model)."""
+        return BackboneInfo(**{f.name: getattr(self, f.name) for f in fields(BackboneInfo)})
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")

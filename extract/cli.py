@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from extract.config import SAMPLE_DATASET, ExtractConfig, sample_paths
-from shards.errors import ConfigError, R2Error
+from shards.cliutil import user_errors
+from shards.errors import ConfigError
 
 if TYPE_CHECKING:
     from extract.job import ExtractSummary
@@ -75,7 +76,7 @@ def extract(
     sample: bool = typer.Option(False, "--sample", help=f"extract the embedded sample (into {SAMPLE_STORE})"),
 ) -> None:
     """Extract frozen CLIP tokens (last k blocks of both towers) of a dataset's videos and queries."""
-    try:
+    with user_errors():
         if sample:
             sample_videos, sample_files = sample_paths()
             dataset = dataset or SAMPLE_DATASET
@@ -117,8 +118,5 @@ def extract(
         from extract.job import run_extraction  # imports open_clip: only when extracting
 
         summary = run_extraction(cfg)
-    except R2Error as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     _report(summary)
     raise typer.Exit(summary.exit_code)

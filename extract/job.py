@@ -13,7 +13,6 @@ store, so re-running the same command skips finished videos and redoes the rest.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,10 +28,11 @@ from extract.backbone import BackboneInfo, ClipBackbone, load_backbone
 from extract.config import ExtractConfig
 from extract.pipeline import VideoResult, VideoTask, extract_videos
 from shards.annotations import load_many
+from shards.atomic import atomic_path
 from shards.datasets import DatasetSpec, get_dataset, video_filename_stem
 from shards.errors import ConfigError, VideoError
 from shards.schema import Query
-from shards.store import FeatureStore, create_store, make_manifest
+from shards.store import FeatureStore, create_store
 
 FAILURES_FILE = "failures.jsonl"
 """Name, inside the store directory, of the list of videos the last run skipped."""
@@ -226,14 +226,12 @@ def _write_failures(store_dir: Path, failures: dict[str, str], paths: dict[str, 
     if not failures:
         target.unlink(missing_ok=True)
         return None
-    tmp = target.with_name(f".{FAILURES_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for vid, reason in failures.items():
             path = paths.get(vid)
             f.write(
                 json.dumps({"vid": vid, "path": None if path is None else str(path), "reason": reason}) + "\n"
             )
-    os.replace(tmp, target)
     return target
 
 
@@ -258,21 +256,7 @@ def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> 
     try:
         info = runner.info
         summary.random_weights = info.pretrained.startswith("random:")
-        store = create_store(
-            cfg.out,
-            make_manifest(
-                dataset=spec.name,
-                backbone=info.name,
-                pretrained=info.pretrained,
-                weights_sha256=info.weights_sha256,
-                layers=info.layers,
-                frame_size=info.frame_size,
-                fps=cfg.fps if cfg.fps is not None else spec.fps,
-                video_tokens=info.video_tokens,
-                video_width=info.video_width,
-                text_width=info.text_width,
-            ),
-        )
+        store = create_store(cfg.out, info.manifest(spec.name, cfg.fps if cfg.fps is not None else spec.fps))
         todo = [t for t in tasks if not store.has_video(t.vid)]
         summary.already_done = len(tasks) - len(todo)
         bar = tqdm(

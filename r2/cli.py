@@ -7,11 +7,9 @@ are printed as one ``error: ...`` line with exit status 2, never as a traceback.
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
-from shards.errors import R2Error
+from shards.cliutil import user_errors
 
 
 def build_app() -> typer.Typer:
@@ -41,8 +39,5 @@ def build_app() -> typer.Typer:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``r2`` console script and ``python -m r2``."""
-    try:
+    with user_errors():
         build_app()(args=argv, prog_name="r2")
-    except R2Error as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)

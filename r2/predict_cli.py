@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from shards.errors import R2Error
+from shards.cliutil import user_errors
 
 app = typer.Typer(
     help="Find the moments of a raw video that match a sentence (CLIP runs on the fly).",
@@ -37,7 +37,7 @@ def predict(
     """Print the top moments of each sentence in VIDEO, and optionally plot them."""
     from r2.predict import Predictor
 
-    try:
+    with user_errors():
         predictor = Predictor.from_checkpoint(checkpoint, device=device, weights=weights, fps=fps)
         encoded = predictor.encode_video(video)
         for i, sentence in enumerate(sentences):
@@ -70,6 +70,3 @@ def predict(
                     result.saliency, result.fps, result.moments, out, query=sentence, title=video.name
                 )
                 typer.echo(f"  plot: {out}", err=as_json)
-    except R2Error as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None

@@ -38,7 +38,7 @@ from extract.backbone import ClipBackbone, load_backbone
 from extract.config import VIDEO_EXTENSIONS, sample_paths
 from extract.frames import crop_offset, preprocess, probe, sample_frames, scaled_size
 from extract.pipeline import VideoTask, extract_videos
-from shards.store import create_store, make_manifest
+from shards.store import create_store
 
 
 def _encode(backbone: ClipBackbone, frames: np.ndarray, batch_size: int) -> np.ndarray:
@@ -63,6 +63,16 @@ def _timed(fn: Callable[[], int]) -> tuple[float, float]:
     return count / (time.perf_counter() - wall), count / (_cpu_seconds() - cpu)
 
 
+def _ffmpeg_command(ffmpeg: str, path: Path, fps: float, size: int, *output: str) -> list[str]:
+    """The reference's ffmpeg command line: sample ``path`` at ``fps``, scale the short side to ``size``,
+    centre-crop ``size`` x ``size``, then the ``output`` arguments."""
+    info = probe(path)
+    w, h = scaled_size(info.width, info.height, size)
+    x, y = crop_offset(w, h, size)
+    graph = f"fps={fps},scale={w}:{h},crop={size}:{size}:{x}:{y}"
+    return [ffmpeg, "-loglevel", "error", "-i", str(path), "-vf", graph, *output]
+
+
 def _two_stage(
     ffmpeg: str, videos: list[Path], fps: float, backbone: ClipBackbone, batch_size: int, work: Path
 ) -> int:
@@ -70,27 +80,10 @@ def _two_stage(
     size = backbone.frame_size
     frames_total = 0
     for n, path in enumerate(videos):
-        info = probe(path)
-        w, h = scaled_size(info.width, info.height, size)
-        x, y = crop_offset(w, h, size)
         folder = work / f"frames{n}"
         folder.mkdir()
-        graph = f"fps={fps},scale={w}:{h},crop={size}:{size}:{x}:{y}"
-        subprocess.run(
-            [
-                ffmpeg,
-                "-loglevel",
-                "error",
-                "-i",
-                str(path),
-                "-vf",
-                graph,
-                "-q:v",
-                "2",
-                str(folder / "%06d.jpg"),
-            ],
-            check=True,
-        )
+        jpegs = str(folder / "%06d.jpg")
+        subprocess.run(_ffmpeg_command(ffmpeg, path, fps, size, "-q:v", "2", jpegs), check=True)
     for n in range(len(videos)):
         files = sorted((work / f"frames{n}").glob("*.jpg"))
         frames = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
@@ -101,24 +94,7 @@ def _two_stage(
 
 def _ffmpeg_matches(ffmpeg: str, path: Path, fps: float, size: int) -> bool:
     """Whether the ffmpeg command line's rgb24 frames equal ours byte for byte."""
-    info = probe(path)
-    w, h = scaled_size(info.width, info.height, size)
-    x, y = crop_offset(w, h, size)
-    graph = f"fps={fps},scale={w}:{h},crop={size}:{size}:{x}:{y}"
-    command = [
-        ffmpeg,
-        "-loglevel",
-        "error",
-        "-i",
-        str(path),
-        "-vf",
-        graph,
-        "-f",
-        "rawvideo",
-        "-pix_fmt",
-        "rgb24",
-        "-",
-    ]
+    command = _ffmpeg_command(ffmpeg, path, fps, size, "-f", "rawvideo", "-pix_fmt", "rgb24", "-")
     raw = subprocess.run(command, check=True, capture_output=True).stdout
     ours = b"".join(f.tobytes() for f in sample_frames(path, fps, size))
     return raw == ours
@@ -141,23 +117,7 @@ class _Bench:
         self.batch_size, self.workers, self.ffmpeg, self.work = batch_size, workers, ffmpeg, work
         self.frames: list[np.ndarray] = []
         self.runs = 0
-        info = backbone.info()
-        self.store = create_store(
-            work / "bench.zarr",
-            make_manifest(
-                dataset="bench",
-                backbone=info.name,
-                pretrained=info.pretrained,
-                fps=fps,
-                weights_sha256=info.weights_sha256,
-                layers=info.layers,
-                frame_size=info.frame_size,
-                video_tokens=info.video_tokens,
-                video_width=info.video_width,
-                text_width=info.text_width,
-            ),
-            fsync=False,
-        )
+        self.store = create_store(work / "bench.zarr", backbone.manifest("bench", fps), fsync=False)
 
     def decode(self) -> tuple[float, float]:
         self.frames.clear()

@@ -36,6 +36,7 @@ from typing import Any
 
 from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import AnnotationError
+from shards.jsonl import json_type_name, read_json_objects
 from shards.paths import unsafe_id_reason
 from shards.schema import Query
 
@@ -124,10 +125,7 @@ def find_annotation_file(dataset: str, root: str | Path, split: str) -> Path:
     """
     spec = get_dataset(dataset)
     folder = Path(root)
-    if split not in spec.splits:
-        raise AnnotationError(
-            f"{folder}: {spec.title} has no split {split!r}; valid splits: {', '.join(spec.splits)}"
-        )
+    _check_split(spec, folder, split)
     names = spec.annotation_names(split)
     for name in names:
         if (folder / name).is_file():
@@ -155,11 +153,15 @@ def _resolve_split(spec: DatasetSpec, path: Path, split: str | None) -> str:
                 f"{path}: cannot tell the split from the file name; put one of "
                 f"{', '.join(spec.splits)} in the name or pass the split explicitly"
             )
+    _check_split(spec, path, split)
+    return split
+
+
+def _check_split(spec: DatasetSpec, where: Path, split: str) -> None:
     if split not in spec.splits:
         raise AnnotationError(
-            f"{path}: {spec.title} has no split {split!r}; valid splits: {', '.join(spec.splits)}"
+            f"{where}: {spec.title} has no split {split!r}; valid splits: {', '.join(spec.splits)}"
         )
-    return split
 
 
 def _read_records(spec: DatasetSpec, path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -171,32 +173,7 @@ def _read_records(spec: DatasetSpec, path: Path) -> list[tuple[int, dict[str, An
         )
     if path.is_dir():
         raise AnnotationError(f"{path}: is a folder; pass the JSON Lines annotation file inside it")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AnnotationError(f"{path}: cannot read the file: {exc.strerror}") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise AnnotationError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8 JSON Lines") from exc
-    records = []
-    for line, row in enumerate(text.split("\n"), start=1):
-        if not row.strip():
-            continue
-        try:
-            record = json.loads(row)
-        except json.JSONDecodeError as exc:
-            raise AnnotationError(
-                f"{path}:{line}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                f"the file must hold one JSON object per line"
-            ) from exc
-        if not isinstance(record, dict):
-            raise AnnotationError(
-                f"{path}:{line}: expected a JSON object, got {_json_type(record)}; "
-                f"the file must hold one JSON object per line"
-            )
-        records.append((line, record))
+    records = list(read_json_objects(path, AnnotationError))
     if not records:
         raise AnnotationError(f"{path}: empty annotation file (no JSON records)")
     return records
@@ -227,19 +204,12 @@ def _check_consistent(entries: list[_Entry]) -> None:
 # Field checks. ``where`` is the ``file:line`` prefix of the record.
 
 
-def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "an object")
-
-
 def _bad(where: str, field: str, problem: str) -> AnnotationError:
     return AnnotationError(f"{where}: field '{field}' {problem}")
 
 
 def _wrong_type(where: str, field: str, expected: str, value: Any) -> AnnotationError:
-    return _bad(where, field, f"must be {expected}, got {_json_type(value)} {json.dumps(value)[:60]}")
+    return _bad(where, field, f"must be {expected}, got {json_type_name(value)} {json.dumps(value)[:60]}")
 
 
 def _required(record: dict[str, Any], field: str, where: str) -> Any:
@@ -405,12 +375,18 @@ def _parse_moments(record: dict[str, Any], where: str, spec: DatasetSpec, split:
     )
 
 
-def _parse_youtube(record: dict[str, Any], where: str, spec: DatasetSpec, split: str) -> Query:
-    """lighthouse YouTube Highlights schema; sets the per-video ``fps`` (clips per second)."""
+def _lighthouse_header(
+    record: dict[str, Any], spec: DatasetSpec, where: str
+) -> tuple[str, int | str, str, str]:
+    """``(vid, qid, text, domain)`` of a lighthouse record (YouTube, TVSum); ``qid`` defaults to ``vid``."""
     vid = _vid(record, where)
     qid = _qid(record, where) if record.get("qid") is not None else vid
-    text = _title(record, where)
-    domain = _domain(record, spec, where)
+    return vid, qid, _title(record, where), _domain(record, spec, where)
+
+
+def _parse_youtube(record: dict[str, Any], where: str, spec: DatasetSpec, split: str) -> Query:
+    """lighthouse YouTube Highlights schema; sets the per-video ``fps`` (clips per second)."""
+    vid, qid, text, domain = _lighthouse_header(record, spec, where)
     match = _list(_required(record, "match", where), "match", where, non_empty=True)
     for i, value in enumerate(match):
         if _integer(value, f"match[{i}]", where) not in (-1, 0, 1):
@@ -439,10 +415,7 @@ def _parse_youtube(record: dict[str, Any], where: str, spec: DatasetSpec, split:
 
 def _parse_tvsum(record: dict[str, Any], where: str, spec: DatasetSpec, split: str) -> Query:
     """lighthouse TVSum schema; ``duration`` in the file counts 2-s clips."""
-    vid = _vid(record, where)
-    qid = _qid(record, where) if record.get("qid") is not None else vid
-    text = _title(record, where)
-    domain = _domain(record, spec, where)
+    vid, qid, text, domain = _lighthouse_header(record, spec, where)
     label = _list(_required(record, "label", where), "label", where, non_empty=True)
     scores = []
     for i, row in enumerate(label):

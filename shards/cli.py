@@ -6,14 +6,13 @@ Exit status: 0 success, 1 ``verify`` found problems, 2 user error (printed as ``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from shards.errors import R2Error
+from shards.cliutil import user_errors
 
 app = typer.Typer(
     name="shards",
@@ -48,21 +47,6 @@ FrameSize = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn :class:`R2Error` into ``error: ...`` on stderr and exit status 2."""
-    try:
-        yield
-    except R2Error as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-
-
-def _echo_summary(lines: list[str]) -> None:
-    for line in lines:
-        typer.echo(line)
-
-
 @app.command()
 def inspect(
     store: StorePath,
@@ -71,7 +55,7 @@ def inspect(
     """Counts, shapes, bytes and the manifest of a store."""
     from shards.report import format_summary, inspect_store
 
-    with _user_errors():
+    with user_errors():
         info = inspect_store(store)
     typer.echo(json.dumps(info, indent=2) if as_json else format_summary(info))
 
@@ -90,7 +74,7 @@ def verify(
     """Check a store; lists every problem and exits 1 if there is any."""
     from shards.verify import verify_store
 
-    with _user_errors():
+    with user_errors():
         report = verify_store(store, checksums=not quick, max_clip_diff=max_clip_diff, progress=not quiet)
     checked = "with checksums" if report.checksums else "without checksums (--quick)"
     typer.echo(
@@ -106,9 +90,10 @@ def verify(
 
 
 def _run_import(fn: Callable[..., Any], **kwargs: Any) -> None:
-    with _user_errors():
+    """Run importer ``fn`` and print its summary lines."""
+    with user_errors():
         summary = fn(**kwargs)
-    _echo_summary(summary.lines())
+    typer.echo("\n".join(summary.lines()))
 
 
 @app.command("import-npy")

@@ -105,6 +105,13 @@ class _Item:
     where: str
     load: Callable[[], np.ndarray]
 
+    def read(self) -> np.ndarray:
+        """The array, checked against the shape its header gave."""
+        array = self.load()
+        if array.shape != self.shape:
+            raise StoreError(f"{self.where}: read shape {array.shape}, header said {self.shape}")
+        return array
+
 
 def _check_videos(items: Sequence[_Item], backbone: str) -> tuple[int, int, int]:
     """Validate the video sources; return their common ``(k, P, C)``."""
@@ -250,9 +257,7 @@ def _import_videos(
         if vid in done:
             summary.videos_skipped += 1
             continue
-        tokens = item.load()
-        if tokens.shape != item.shape:
-            raise StoreError(f"{item.where}: read shape {tokens.shape}, header said {item.shape}")
+        tokens = item.read()
         store.write_video(vid, tokens, rates[vid])
         summary.videos_written += 1
         summary.bytes_written += tokens.size * 2
@@ -267,12 +272,7 @@ def _import_queries(
     bar = tqdm(total=len(todo), desc="queries", unit="query", disable=None if progress else True)
     for begin in range(0, len(todo), QUERY_BATCH):
         batch = todo[begin : begin + QUERY_BATCH]
-        tokens = []
-        for item in batch:
-            array = item.load()
-            if array.shape != item.shape:
-                raise StoreError(f"{item.where}: read shape {array.shape}, header said {item.shape}")
-            tokens.append(array)
+        tokens = [item.read() for item in batch]
         store.write_queries([item.key for item in batch], tokens)
         summary.queries_written += len(batch)
         summary.bytes_written += sum(t.size * 2 for t in tokens)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
@@ -45,17 +43,9 @@ def test_sample_annotations_describe_the_videos() -> None:
     assert (videos / "README.md").is_file()
 
 
-def test_some_videos_failed_exits_1(tmp_path) -> None:
+def test_some_videos_failed_exits_1(tmp_path, write_charades) -> None:
     make_video(tmp_path / "a.mp4", frames=10, rate=10)
-    ann = tmp_path / "charades_test.jsonl"
-    ann.write_text(
-        "\n".join(
-            json.dumps(
-                {"qid": i, "query": "a video", "duration": 1.0, "vid": v, "relevant_windows": [[0, 1]]}
-            )
-            for i, v in enumerate(["a", "gone"])
-        )
-    )
+    ann = write_charades(tmp_path / "charades_test.jsonl", [(0, "a", "a video"), (1, "gone", "a video")], 1.0)
     out = tmp_path / "s.zarr"
     args = ["--dataset", "charades", "--videos", str(tmp_path), "--annotations", str(ann), "--out", str(out)]
     result = runner.invoke(app, [*args, "--pretrained", "random", "--fps", "2", "--no-progress"])

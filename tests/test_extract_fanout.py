@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from extract.backbone import load_backbone
@@ -25,25 +23,19 @@ def test_split_tasks_balances_and_caps() -> None:
     assert [len(g) for g in split_tasks(tasks[:3], workers=2)] == [1, 1, 1]
 
 
-def test_two_worker_processes_write_one_store(tmp_path) -> None:
+def test_two_worker_processes_write_one_store(tmp_path, write_charades) -> None:
     folder = tmp_path / "videos"
     folder.mkdir()
     make_video(folder / "a.mp4", frames=20, rate=10)  # 2 frames at 1 fps
     make_video(folder / "b.mp4", width=48, height=64, frames=30, rate=10)  # 3 frames
     (folder / "broken.mp4").write_text("not a video")
-    ann = tmp_path / "charades_test.jsonl"
     rows = [
         (0, "a", "a red square"),
         (1, "b", "a green ramp"),
         (2, "b", "blue light"),
         (3, "broken", "nothing"),
     ]
-    ann.write_text(
-        "\n".join(
-            json.dumps({"qid": q, "query": t, "duration": 2.0, "vid": v, "relevant_windows": [[0, 1]]})
-            for q, v, t in rows
-        )
-    )
+    ann = write_charades(tmp_path / "charades_test.jsonl", rows, 2.0)
     cfg = ExtractConfig(
         dataset="charades",
         videos=folder,

@@ -14,19 +14,13 @@ from extract.job import FAILURES_FILE, run_extraction
 from extract.pipeline import VideoTask, extract_videos
 from extract.testing import make_audio_only, make_video, truncate
 from shards.errors import StoreError
-from shards.store import create_store, make_manifest, open_store
+from shards.store import create_store, open_store
 from shards.verify import verify_store
 
 
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
     return load_backbone("ViT-B-32", "random", device="cpu")
-
-
-def _charades_line(qid: int, vid: str, text: str, duration: float, window: list[float]) -> str:
-    return json.dumps(
-        {"qid": qid, "query": text, "duration": duration, "vid": vid, "relevant_windows": [window]}
-    )
 
 
 def test_real_videos_end_to_end(backbone, tmp_path) -> None:
@@ -76,7 +70,7 @@ def test_real_videos_end_to_end(backbone, tmp_path) -> None:
     assert not (cfg.out / FAILURES_FILE).exists()
 
 
-def test_bad_videos_are_skipped_and_listed_then_resumed(backbone, tmp_path) -> None:
+def test_bad_videos_are_skipped_and_listed_then_resumed(backbone, tmp_path, write_charades) -> None:
     folder = tmp_path / "videos"
     folder.mkdir()
     make_video(folder / "good.mp4", frames=20, rate=10)
@@ -84,9 +78,8 @@ def test_bad_videos_are_skipped_and_listed_then_resumed(backbone, tmp_path) -> N
     truncate(make_video(tmp_path / "whole.mp4", frames=20), folder / "cut.mkv")
     make_audio_only(folder / "speech.mp4")
     names = ["good", "notes", "cut", "speech", "absent"]
-    ann = tmp_path / "charades_train.jsonl"
-    ann.write_text(
-        "\n".join(_charades_line(i, v, f"query {i}", 2.0, [0.0, 1.0]) for i, v in enumerate(names))
+    ann = write_charades(
+        tmp_path / "charades_train.jsonl", [(i, v, f"query {i}") for i, v in enumerate(names)], 2.0
     )
     cfg = ExtractConfig(
         dataset="charades",
@@ -126,12 +119,11 @@ def test_bad_videos_are_skipped_and_listed_then_resumed(backbone, tmp_path) -> N
     assert verify_store(cfg.out).ok
 
 
-def test_store_made_with_other_weights_is_refused(backbone, tmp_path) -> None:
+def test_store_made_with_other_weights_is_refused(backbone, tmp_path, write_charades) -> None:
     folder = tmp_path / "videos"
     folder.mkdir()
     make_video(folder / "a.mp4", frames=10, rate=10)
-    ann = tmp_path / "charades_test.jsonl"
-    ann.write_text(_charades_line(1, "a", "a thing", 1.0, [0.0, 1.0]))
+    ann = write_charades(tmp_path / "charades_test.jsonl", [(1, "a", "a thing")], 1.0)
     cfg = ExtractConfig(
         dataset="charades", videos=folder, annotations=[ann], out=tmp_path / "s.zarr", progress=False
     )
@@ -182,22 +174,7 @@ def test_pipeline_reports_every_video_whatever_fails_last(backbone, tmp_path, or
     (tmp_path / "bad.mp4").write_text("garbage")
     paths = {"good": tmp_path / "good.mp4", "bad": tmp_path / "bad.mp4", "none": tmp_path / "none.mp4"}
     tasks = [VideoTask(vid, paths[vid], 1.0) for vid in order]
-    info = backbone.info()
-    store = create_store(
-        tmp_path / "s.zarr",
-        make_manifest(
-            dataset="charades",
-            backbone=info.name,
-            pretrained=info.pretrained,
-            fps=1.0,
-            weights_sha256=info.weights_sha256,
-            layers=4,
-            frame_size=224,
-            video_tokens=50,
-            video_width=768,
-            text_width=512,
-        ),
-    )
+    store = create_store(tmp_path / "s.zarr", backbone.manifest("charades", 1.0))
     seen: list[str] = []
     results = extract_videos(
         backbone, store, tasks, batch_size=4, workers=2, on_result=lambda r: seen.append(r.vid)

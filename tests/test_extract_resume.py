@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -47,26 +46,13 @@ def _done(out: Path) -> list[str]:
     return sorted(p.name for p in videos.iterdir() if (p / "zarr.json").is_file()) if videos.is_dir() else []
 
 
-def test_kill_9_then_rerun(tmp_path) -> None:
+def test_kill_9_then_rerun(tmp_path, write_charades) -> None:
     folder = tmp_path / "videos"
     folder.mkdir()
     for vid in VIDEOS:
         make_video(folder / f"{vid}.mp4", frames=30, rate=10)  # 3 s -> 3 frames at 1 fps
-    ann = tmp_path / "charades_train.jsonl"
-    ann.write_text(
-        "\n".join(
-            json.dumps(
-                {
-                    "qid": i,
-                    "query": f"clip number {i}",
-                    "duration": 3.0,
-                    "vid": v,
-                    "relevant_windows": [[0, 2]],
-                }
-            )
-            for i, v in enumerate(VIDEOS)
-        )
-    )
+    rows = [(i, v, f"clip number {i}") for i, v in enumerate(VIDEOS)]
+    ann = write_charades(tmp_path / "charades_train.jsonl", rows, 3.0, window=(0, 2))
     out = tmp_path / "store.zarr"
     proc = subprocess.Popen(_command(folder, ann, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from shards.cli import app
 from shards.schema import Query
-from shards.store import create_store, make_manifest
+from shards.store import create_store
 
 K, P, C, CQ = 2, 3, 8, 4
 runner = CliRunner()
@@ -22,21 +22,9 @@ def tokens(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @pytest.fixture
-def good_store(tmp_path):
+def good_store(tmp_path, tiny_manifest):
     """3 videos at 0.5 fps (T = 5, 6, 7) with 4 annotated queries; everything consistent."""
-    m = make_manifest(
-        dataset="qvhighlights",
-        backbone="tiny-vit",
-        pretrained="random:0",
-        weights_sha256="ab12",
-        layers=K,
-        frame_size=224,
-        fps=0.5,
-        video_tokens=P,
-        video_width=C,
-        text_width=CQ,
-    )
-    s = create_store(tmp_path / "s.zarr", m)
+    s = create_store(tmp_path / "s.zarr", tiny_manifest((K, P, C, CQ), dataset="qvhighlights", fps=0.5))
     for i, t in enumerate((5, 6, 7)):
         s.write_video(f"v{i}", tokens(i, (t, K, P, C)), 0.5)
     qs = [

@@ -11,7 +11,7 @@ import torch
 
 from shards.loader import LoaderConfig, MemorySource, StreamingLoader
 from shards.schema import Query
-from shards.store import FeatureStore, create_store, make_manifest, open_store
+from shards.store import FeatureStore, create_store, open_store
 
 K, P, C, CQ = 2, 3, 8, 4
 FPS = 0.5
@@ -26,22 +26,10 @@ def qtok(qid: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
+def store_path(tmp_path_factory, tiny_manifest):
     """8 videos (T = 3..10), 1..15 queries each (60 train + 8 val), plus 2 queries of a missing video."""
     path = tmp_path_factory.mktemp("loader") / "s.zarr"
-    m = make_manifest(
-        dataset="tacos",
-        backbone="tiny-vit",
-        pretrained="random:0",
-        weights_sha256="x",
-        layers=K,
-        frame_size=224,
-        fps=FPS,
-        video_tokens=P,
-        video_width=C,
-        text_width=CQ,
-    )
-    s = create_store(path, m)
+    s = create_store(path, tiny_manifest((K, P, C, CQ), dataset="tacos", fps=FPS))
     queries = []
     for i in range(8):
         t = 3 + i

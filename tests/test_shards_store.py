@@ -14,26 +14,10 @@ import zarr
 import shards.store as store_mod
 from shards.errors import StoreError
 from shards.schema import Query
-from shards.store import FeatureStore, clamp_query, create_store, make_manifest, open_store
+from shards.store import FeatureStore, clamp_query, create_store, open_store
 
 K, P, C, CQ = 2, 3, 8, 4
-
-
-def manifest(**overrides):
-    fields = dict(
-        dataset="charades",
-        backbone="tiny-vit",
-        pretrained="random:0",
-        weights_sha256="ab12",
-        layers=K,
-        frame_size=224,
-        fps=1.0,
-        video_tokens=P,
-        video_width=C,
-        text_width=CQ,
-    )
-    fields.update(overrides)
-    return make_manifest(**fields)
+GEOMETRY = (K, P, C, CQ)
 
 
 def tokens(seed: int, t: int = 5) -> np.ndarray:
@@ -45,8 +29,8 @@ def qtokens(seed: int, length: int) -> np.ndarray:
 
 
 @pytest.fixture
-def store(tmp_path) -> FeatureStore:
-    return create_store(tmp_path / "s.zarr", manifest())
+def store(tmp_path, tiny_manifest) -> FeatureStore:
+    return create_store(tmp_path / "s.zarr", tiny_manifest(GEOMETRY))
 
 
 def test_video_roundtrip_and_metadata(store):
@@ -195,10 +179,10 @@ def test_expecting_an_unknown_manifest_field_is_a_programming_error(store):
         open_store(store.path, expect={"colour": "red", "layers": K})
 
 
-def test_create_over_mismatching_store_is_refused(store):
+def test_create_over_mismatching_store_is_refused(store, tiny_manifest):
     with pytest.raises(StoreError, match="backbone is 'tiny-vit' in the store but 'ViT-B-16' was expected"):
-        create_store(store.path, manifest(backbone="ViT-B-16"))
-    again = create_store(store.path, manifest())  # same identity, new creation time: resumes
+        create_store(store.path, tiny_manifest(GEOMETRY, backbone="ViT-B-16"))
+    again = create_store(store.path, tiny_manifest(GEOMETRY))  # same identity, new creation time: resumes
     assert again.manifest.created == store.manifest.created
 
 
@@ -245,16 +229,16 @@ def test_killed_write_never_counts_and_is_cleaned_on_rewrite(store):
     np.testing.assert_array_equal(fresh.read_video("a"), tokens(0, 5))
 
 
-def _writer(path, first, count):
-    s = create_store(path, manifest())
+def _writer(path, manifest, first, count):
+    s = create_store(path, manifest(GEOMETRY))
     for i in range(first, first + count):
         s.write_video(f"v{i}", tokens(i, 3 + i % 4), 1.0)
 
 
-def test_concurrent_creators_and_writers_of_disjoint_videos(tmp_path):
+def test_concurrent_creators_and_writers_of_disjoint_videos(tmp_path, tiny_manifest):
     path = tmp_path / "shared.zarr"
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_writer, args=(path, first, 6)) for first in (0, 6)]
+    procs = [ctx.Process(target=_writer, args=(path, tiny_manifest, first, 6)) for first in (0, 6)]
     for p in procs:
         p.start()
     for p in procs:

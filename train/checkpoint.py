@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from shards.atomic import atomic_path
 from shards.errors import CheckpointError, ConfigError
 from train.config import RunConfig
 from train.model import R2Tuning
-from train.runlog import atomic_path
 
 FORMAT_VERSION = 1
 _CORRUPT = "not a torch checkpoint, or the file is corrupt or truncated"

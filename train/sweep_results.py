@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from train.runlog import atomic_path, write_json_atomic, write_text_atomic
+from shards.atomic import atomic_path
+from train.runlog import write_json_atomic, write_text_atomic
 from train.sweep_trials import TrialRecord
 
 if TYPE_CHECKING:

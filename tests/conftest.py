@@ -1,0 +1,64 @@
+"""Shared test set-up: manifests of tiny feature stores and small Charades-STA annotation files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shards.manifest import Manifest, make_manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest() -> Callable[..., Manifest]:
+    """Factory ``tiny_manifest((k, P, C, Cq), **overrides)`` of a store manifest with that token geometry.
+
+    The other fields default to a made-up ``tiny-vit`` backbone with random weights, 224-px frames,
+    Charades-STA at 1 clip per second; ``overrides`` replace any of them.
+    """
+
+    def make(geometry: tuple[int, int, int, int], **overrides: Any) -> Manifest:
+        layers, video_tokens, video_width, text_width = geometry
+        fields = dict(
+            dataset="charades",
+            backbone="tiny-vit",
+            pretrained="random:0",
+            weights_sha256="ab12",
+            layers=layers,
+            frame_size=224,
+            fps=1.0,
+            video_tokens=video_tokens,
+            video_width=video_width,
+            text_width=text_width,
+        )
+        fields.update(overrides)
+        return make_manifest(**fields)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def write_charades() -> Callable[..., Path]:
+    """Factory ``write_charades(path, rows, duration, window=(0, 1))`` -> ``path``.
+
+    Writes a Charades-STA JSON Lines file with one record per ``(qid, vid, query)`` row; every
+    record has the same ``duration`` and one relevant window, both in seconds.
+    """
+
+    def write(
+        path: Path,
+        rows: Iterable[tuple[int, str, str]],
+        duration: float,
+        window: Sequence[float] = (0.0, 1.0),
+    ) -> Path:
+        records = (
+            {"qid": qid, "query": text, "duration": duration, "vid": vid, "relevant_windows": [list(window)]}
+            for qid, vid, text in rows
+        )
+        path.write_text("\n".join(json.dumps(r) for r in records))
+        return path
+
+    return write

@@ -1,0 +1,23 @@
+"""The ``r2`` entry point: user errors of every sub-command end as ``error: ...`` and exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from r2.cli import main
+
+
+def test_error_inside_a_command(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shards", "inspect", str(tmp_path / "missing.zarr")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.zarr" in err and err.count("\n") == 1
+
+
+def test_error_raised_past_a_command_is_caught_by_main(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--dry-run", "--preset", "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope" in err and "Traceback" not in err
