@@ -8,8 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from shards.manifest import Manifest, make_manifest
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterable[None]:
+    """Tiny models on a shared 2-core box run fastest with one intra-op thread (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

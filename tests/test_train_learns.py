@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 from train.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.trainer import train_run
 
@@ -37,17 +35,12 @@ OVERRIDES = [
 ]
 
 
-def test_heldout_recall_after_training(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        make_synthetic_store(tmp_path / "synthetic.zarr", SPEC)
-        cfg = synthetic_run_config(SPEC, "tacos", OVERRIDES)
-        start = time.perf_counter()
-        result = train_run(cfg, tmp_path / "synthetic.zarr", tmp_path / "run", progress=False)
-        seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
+def test_heldout_recall_after_training(tmp_path, one_torch_thread):
+    make_synthetic_store(tmp_path / "synthetic.zarr", SPEC)
+    cfg = synthetic_run_config(SPEC, "tacos", OVERRIDES)
+    start = time.perf_counter()
+    result = train_run(cfg, tmp_path / "synthetic.zarr", tmp_path / "run", progress=False)
+    seconds = time.perf_counter() - start
     history = result.history
     steps = history[-1]["iteration"]
     assert steps == 24 * 6  # 48 training videos x 2 queries / 16 per batch, 24 epochs

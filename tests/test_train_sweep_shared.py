@@ -24,13 +24,7 @@ TINY = ["epochs=2", "batch_size=4", "model.dims=32", "model.heads=4", "model.lay
 TIMING = {"samples_per_s", "train_seconds", "val_samples_per_s"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
