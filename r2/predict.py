@@ -8,8 +8,9 @@ style: encode a video once, then ask any number of sentences about it.
 >>> result = predictor.predict(video, "a man cuts an onion")
 >>> result.moments[:3]                                       # [[start_s, end_s, score], ...]
 
-The backbone is the one the checkpoint was trained on (architecture, weights, k, frame size,
-fps from the store manifest saved in the checkpoint); other weights are refused. Long videos are
+The backbone is the one the checkpoint was trained on (architecture, weights, k and fps from the
+store identity saved in the checkpoint; the frame size follows from the architecture); other
+weights are refused. Long videos are
 cut into overlapping windows of at most ``window`` clips, so any length works.
 """
 

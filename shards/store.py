@@ -14,8 +14,8 @@ One store per (dataset, backbone, fps, layers). Layout (see ``docs/store.md``)::
 
 This module is the typed facade (:class:`FeatureStore`, :func:`open_store`, :func:`create_store`).
 The manifest and its identity checks live in :mod:`shards.manifest`, the raw chunk I/O in
-:mod:`shards.rawarray`, the staged atomic commits in :mod:`shards.staging`; their public names
-are re-exported here.
+:mod:`shards.rawarray`, the staged atomic commits in :mod:`shards.staging`; the names callers
+need from them are re-exported here (see ``__all__``).
 """
 
 from __future__ import annotations

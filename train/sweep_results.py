@@ -2,8 +2,8 @@
 
 Files written into the sweep directory (each atomically, rewritten at the end of every run):
 
-- ``results.csv``  -- one row per trial, ranked: rank, index, name, status, key metric, swept
-  parameters, every other metric, seconds, shared (models in its data pass), reused, error;
+- ``results.csv``  -- one row per trial, ranked: rank, index, name, status, key metric, every other
+  metric, swept parameters, seconds, shared (models in its data pass), reused, error;
 - ``results.json`` -- the same records plus the best trial and its ``r2 train`` command;
 - ``sweep.png``    -- the key metric against each swept parameter (log x-axis for log ranges and
   for positive numeric grids spanning at least a factor 10; categorical axes for text values).
