@@ -10,8 +10,8 @@ style: encode a video once, then ask any number of sentences about it.
 
 The backbone is the one the checkpoint was trained on (architecture, weights, k and fps from the
 store identity saved in the checkpoint; the frame size follows from the architecture); other
-weights are refused. Long videos are
-cut into overlapping windows of at most ``window`` clips, so any length works.
+weights are refused. Long videos are cut into overlapping windows of at most ``window`` clips,
+so any length works.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from train.api import Grounder
 from train.checkpoint import read_checkpoint
 
 DEFAULT_WINDOW = 1024
-"""Most clips the model sees at once (its positional-encoding and point buffers hold 1,024)."""
+"""Most clips the model sees at once (the reference model's positional-encoding and point buffers
+hold 1,024 clips; its training videos are far shorter)."""
 
 
 @dataclass
