@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import zarr
+from benchlib import drop_cache, files_under, machine
 
 from shards.loader import LoaderConfig, MemorySource, StreamingLoader
 from shards.schema import Query
@@ -57,33 +57,6 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctype
 
 
 # ------------------------------------------------------------------------------ machine and page cache
-
-
-def machine() -> str:
-    """CPU model, cores, RAM."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
-    )
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}"
-
-
-def files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return [Path(root) / n for root, _, names in os.walk(path) for n in names]
-
-
-def drop_cache(paths: list[Path]) -> None:
-    """Evict the files' pages from the page cache (no privileges needed; dirty pages are synced first)."""
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def residency(path: Path) -> float:
@@ -116,21 +89,21 @@ def check_fadvise_unprivileged(path: Path) -> str:
             try:
                 os.setgid(65534)
                 os.setuid(65534)
-                drop_cache([path])
+                drop_cache(path)
                 os._exit(0)
             except BaseException:
                 os._exit(1)
         _, status = os.waitpid(pid, 0)
         who = "uid 65534 (nobody)" if os.waitstatus_to_exitcode(status) == 0 else "uid 65534: FAILED"
     else:
-        drop_cache([path])
+        drop_cache(path)
         who = f"uid {os.geteuid()}"
     return f"fadvise(DONTNEED) as {who}: page-cache residency {before:.0%} -> {residency(path):.0%}"
 
 
 def raw_disk_read(path: Path) -> float:
     """Cold sequential read MB/s of one big file in 8 MB blocks (dd-style)."""
-    drop_cache([path])
+    drop_cache(path)
     buf = bytearray(8 << 20)
     total = 0
     start = time.perf_counter()
@@ -268,7 +241,7 @@ def read_layouts(
     for _ in range(rounds):
         disk = max(disk, raw_disk_read(big_file))
         for layout, row in zip(layouts, rows, strict=True):
-            drop_cache(files_under(layout.path))
+            drop_cache(layout.path)
             result = timed_reads(layout.reader(), order)
             if "cold" not in row or result[0] > row["cold"][0]:
                 row["cold"] = result
@@ -321,7 +294,7 @@ def bench_loader(root: Path, vids: list[str], base: np.ndarray, disk_mbs: float,
     loader_rate(ram, cfg)  # warm-up of code paths and allocator
     rates: dict[str, list[float]] = {"cold": [], "warm": [], "ram": []}
     for _ in range(rounds):
-        drop_cache(files_under(path))
+        drop_cache(path)
         rates["cold"].append(loader_rate(path, cfg))
         rates["warm"].append(loader_rate(path, cfg))
         rates["ram"].append(loader_rate(ram, cfg))

@@ -1,6 +1,6 @@
-"""Helpers shared by the training benchmarks (``bench_train.py``, ``bench_sweep.py``): the machine line of
-a report and a cold page cache. Imported as ``benchlib`` (the scripts run as ``python scripts/bench_*.py``,
-which puts this folder on ``sys.path``)."""
+"""Helpers shared by the benchmarks (``bench_store.py``, ``bench_train.py``, ``bench_sweep.py``): the
+machine line of a report and a cold page cache. Imported as ``benchlib`` (the scripts run as
+``python scripts/bench_*.py``, which puts this folder on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,23 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}")
 
 
-def drop_cache(root: Path) -> None:
-    """Evict every file under ``root`` from the page cache (``posix_fadvise(DONTNEED)``: no privileges)."""
+def files_under(path: Path) -> list[Path]:
+    """``path`` itself when it is a file, else every file below it."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return [Path(folder) / name for folder, _, names in os.walk(path) for name in names]
+
+
+def drop_cache(path: Path) -> None:
+    """Evict ``path`` (a file, or every file under a folder) from the page cache.
+
+    ``posix_fadvise(DONTNEED)`` needs no privileges; dirty pages are synced first.
+    """
     os.sync()
-    for folder, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    for file in files_under(path):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
