@@ -23,7 +23,7 @@ CACHE ?= cache
 RUNS ?= runs
 DATA ?= data
 GRID ?= --grid lr=1e-4,2.5e-4,5e-4 --grid loss_sal=0.05,0.1
-SAMPLE := tests/data/sample
+SAMPLE := extract/sample
 
 ifeq ($(DATASET),sample)
 STORE ?= $(CACHE)/sample.zarr

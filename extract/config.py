@@ -8,7 +8,7 @@ from pathlib import Path
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 """File extensions tried, in this order, for ``<videos>/<vid><suffix><ext>``."""
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 """The embedded sample: two short real videos and Charades-STA-style annotations (see its README)."""
 SAMPLE_DATASET = "charades"
 

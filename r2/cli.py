@@ -19,7 +19,7 @@ def build_app() -> typer.Typer:
     from r2.predict_cli import predict
     from shards.cli import app as shards_app
     from train.cli import train
-    from train.sweep_cli import sweep
+    from train.sweep.cli import sweep
 
     app = typer.Typer(
         name="r2",

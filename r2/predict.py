@@ -26,8 +26,8 @@ from eval.postprocess import postprocess
 from extract.backbone import ClipBackbone, load_backbone
 from extract.frames import preprocess, sample_frames
 from shards.errors import CheckpointError
-from train.api import Grounder
 from train.checkpoint import read_checkpoint
+from train.inference import Grounder
 
 DEFAULT_WINDOW = 1024
 """Most clips the model sees at once (the reference model's positional-encoding and point buffers
@@ -76,7 +76,7 @@ class Predictor:
     """A checkpoint plus the backbone its store was extracted with.
 
     Args:
-        grounder: the trained model (:class:`train.api.Grounder`).
+        grounder: the trained model (:class:`train.inference.Grounder`).
         backbone: the frozen CLIP model.
         fps: sampling rate of the training store.
         window: most clips per model call; longer videos use windows overlapping by half.

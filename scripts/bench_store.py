@@ -33,9 +33,9 @@ import numpy as np
 import zarr
 from benchlib import drop_cache, files_under, machine
 
-from shards.loader import LoaderConfig, MemorySource, StreamingLoader
 from shards.schema import Query
 from shards.store import create_store, make_manifest, open_store
+from train.data.loader import LoaderConfig, MemorySource, StreamingLoader
 
 SHAPE = (75, 4, 50, 768)
 QUERY_SHAPE = (12, 4, 512)

@@ -1,6 +1,6 @@
 """Benchmark of sweeps: K trials on one shared data pass vs. K separate runs, and LocalCluster scaling.
 
-One synthetic store with ViT-B-32 token shapes (k=4, P=50, C=768, Cq=512; :mod:`train.synthetic`),
+One synthetic store with ViT-B-32 token shapes (k=4, P=50, C=768, Cq=512; :mod:`tests.helpers.synthetic`),
 K trials that differ only in the learning rate (so they may share a pass). Measured in this process:
 
 * ``separate``: the K trials one after the other (``run_sweep(workers=0, shared_pass='off')``);
@@ -35,11 +35,11 @@ import torch
 from benchlib import drop_cache, machine
 
 import shards.store
-from train.sweep import plan_sweep, run_sweep
-from train.sweep_config import trial_config
-from train.sweep_spec import build_spec
-from train.synthetic import SyntheticSpec, make_synthetic_store
-from train.trainer import epoch_inputs, open_run_data
+from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
+from train.engine.trainer import epoch_inputs, open_run_data
+from train.sweep.config import trial_config
+from train.sweep.runner import plan_sweep, run_sweep
+from train.sweep.spec import build_spec
 
 
 class ReadCounter:

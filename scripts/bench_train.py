@@ -1,10 +1,11 @@
 """Benchmark of the trainer's data path and training speed on synthetic stores.
 
 For two store shapes -- QVHighlights (T=75, k=4, P=50, C=768, 2 queries per video) and TACoS
-(T=150, same tokens, 140 queries per video) -- built with :func:`train.synthetic.make_synthetic_store`:
+(T=150, same tokens, 140 queries per video) -- built with
+:func:`tests.helpers.synthetic.make_synthetic_store`:
 
 1. samples/s (queries/s) the streaming loader delivers from the store (cold: page cache dropped with
-   ``posix_fadvise(DONTNEED)``; warm: right after), from RAM (:class:`shards.loader.MemorySource`)
+   ``posix_fadvise(DONTNEED)``; warm: right after), from RAM (:class:`train.data.loader.MemorySource`)
    and reference-style (one ``np.load`` of ``<vid>.npy`` and of ``<qid>.npy`` per query, then padded
    per-query stacking as the reference collate does; cold), all on the same videos;
 2. the loader over the whole store (cold);
@@ -40,12 +41,12 @@ import torch
 from benchlib import drop_cache, machine
 
 from shards.datasets import get_dataset
-from shards.loader import LoaderConfig, MemorySource, StreamingLoader
 from shards.store import open_store
-from train.batching import model_inputs
-from train.step import build_state, train_step
-from train.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
-from train.trainer import train_run
+from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from train.data.batching import model_inputs
+from train.data.loader import LoaderConfig, MemorySource, StreamingLoader
+from train.engine.step import build_state, train_step
+from train.engine.trainer import train_run
 
 QVH = SyntheticSpec(
     n_videos=200, clips=75, layers=4, tokens=50, width=768, text_width=512, query_len=12,

@@ -1,14 +1,18 @@
 """Helpers shared by the benchmarks (``bench_store.py``, ``bench_train.py``, ``bench_sweep.py``): the
 machine line of a report and a cold page cache. Imported as ``benchlib`` (the scripts run as
-``python scripts/bench_*.py``, which puts this folder on ``sys.path``)."""
+``python scripts/bench_*.py``, which puts this folder on ``sys.path``); importing it also puts the
+repository root on ``sys.path``, so that the scripts can use the test helpers (``tests.helpers``)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def machine() -> str:

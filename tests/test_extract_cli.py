@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from extract.cli import app
 from extract.config import sample_paths
-from extract.testing import make_video
 from shards.annotations import load_many
 from shards.store import open_store
 from shards.verify import verify_store
+from tests.helpers.videos import make_video
 
 runner = CliRunner()
 

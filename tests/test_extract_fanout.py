@@ -10,9 +10,9 @@ from extract.fanout import split_tasks
 from extract.frames import preprocess, sample_frames
 from extract.job import run_extraction
 from extract.pipeline import VideoTask
-from extract.testing import make_video
 from shards.store import open_store
 from shards.verify import verify_store
+from tests.helpers.videos import make_video
 
 
 def test_split_tasks_balances_and_caps() -> None:

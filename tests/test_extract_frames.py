@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from extract.config import sample_paths
 from extract.frames import (
     CLIP_MEAN,
     CLIP_STD,
@@ -22,11 +23,11 @@ from extract.frames import (
     sample_frames,
     scaled_size,
 )
-from extract.testing import make_audio_only, make_video, truncate
 from shards.errors import VideoError
+from tests.helpers.videos import make_audio_only, make_video, truncate
 
 DATA = Path(__file__).parent / "data"
-CHARADES = DATA / "sample" / "univtg_charades.mp4"
+CHARADES = sample_paths()[0] / "univtg_charades.mp4"
 
 
 def _source_frames(path: Path, size: int = 224) -> tuple[list[float], list[np.ndarray]]:
@@ -62,7 +63,7 @@ def test_sampled_source_indices_match_reference(charades_source, fps, count, fir
 
 @pytest.mark.parametrize("fps", ["0.5", "1.0"])
 def test_frames_are_byte_identical_to_the_ffmpeg_command_line(fps) -> None:
-    golden = json.loads((DATA / "sample" / "ffmpeg_reference_frames.json").read_text())["frames"][fps]
+    golden = json.loads((DATA / "ffmpeg_reference_frames.json").read_text())["frames"][fps]
     ours = [hashlib.sha256(f.tobytes()).hexdigest() for f in sample_frames(CHARADES, float(fps))]
     assert ours == golden["sha256"]
 

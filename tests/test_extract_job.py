@@ -12,10 +12,10 @@ from extract.config import ExtractConfig, sample_paths
 from extract.frames import preprocess, sample_frames
 from extract.job import FAILURES_FILE, run_extraction
 from extract.pipeline import VideoTask, extract_videos
-from extract.testing import make_audio_only, make_video, truncate
 from shards.errors import StoreError
 from shards.store import create_store, open_store
 from shards.verify import verify_store
+from tests.helpers.videos import make_audio_only, make_video, truncate
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from extract.testing import make_video
 from shards.store import open_store
 from shards.verify import verify_store
+from tests.helpers.videos import make_video
 
 VIDEOS = [f"clip{i}" for i in range(4)]
 

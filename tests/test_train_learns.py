@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import time
 
-from train.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
-from train.trainer import train_run
+from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from train.engine.trainer import train_run
 
 SPEC = SyntheticSpec(n_videos=68, n_heldout=20, clips=32, layers=2, min_len=4, max_len=8, signal=4.0, seed=11)
 OVERRIDES = [

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from shards.errors import CheckpointError
-from train.api import Grounder, TokenShapeError
 from train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from train.config import BACKBONES, get_preset
+from train.inference import Grounder, TokenShapeError
 from train.model import (
     R2Tuning,
     Targets,

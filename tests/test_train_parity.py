@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.api import Grounder
 from train.config import get_preset
+from train.inference import Grounder
 from train.model import R2Tuning, Targets, assign_targets, count_parameters
 
 FIXTURE = Path(os.environ.get("R2_PARITY_FIXTURE", Path(__file__).parent / "data" / "r2_parity"))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from train.sweep import SweepError, plan_sweep, run_sweep
-from train.sweep_results import best_command, format_table
-from train.sweep_spec import build_spec
-from train.sweep_trials import DONE_FILE, ERROR_FILE, TrialRequest
+from train.sweep.results import best_command, format_table
+from train.sweep.runner import SweepError, plan_sweep, run_sweep
+from train.sweep.spec import build_spec
+from train.sweep.trials import DONE_FILE, ERROR_FILE, TrialRequest
 
 KEY = "score"
 
@@ -106,8 +106,8 @@ _INTERRUPTED = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from train.sweep import plan_sweep, run_sweep
-    from train.sweep_spec import build_spec
+    from train.sweep.runner import plan_sweep, run_sweep
+    from train.sweep.spec import build_spec
 
     def trial(request):
         if request.index >= 2:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
 from train.checkpoint import read_checkpoint
 from train.cli import app as train_app
 from train.config import get_preset
-from train.shared_pass import data_key, group_requests, max_models, model_bytes, run_shared_trials
-from train.sweep_config import request_config
-from train.sweep_trials import TrialRequest, trial_hash
-from train.synthetic import SyntheticSpec, make_synthetic_store
-from train.trainer import train_run
+from train.engine.trainer import train_run
+from train.sweep.config import request_config
+from train.sweep.shared import data_key, group_requests, max_models, model_bytes, run_shared_trials
+from train.sweep.trials import TrialRequest, trial_hash
 
 TINY = ["epochs=2", "batch_size=4", "model.dims=32", "model.heads=4", "model.layers=2", "warmup=2",
         "train.num_workers=0"]
@@ -99,7 +99,7 @@ def test_memory_bound_limits_the_models_per_pass(store):
 
 
 def test_cli_sweep_on_the_real_trainer_with_a_shared_pass(store, tmp_path):
-    from train.sweep_cli import app
+    from train.sweep.cli import app
 
     out = tmp_path / "sweep"
     fixed = [a for item in TINY if item != "epochs=2" for a in ("--set", item)]

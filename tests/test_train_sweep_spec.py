@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from shards.errors import R2Error
-from train.sweep_spec import SweepSpecError, build_spec, expand, parse_grid, parse_range, split_values
-from train.sweep_trials import trial_hash, trial_name
+from train.sweep.spec import SweepSpecError, build_spec, expand, parse_grid, parse_range, split_values
+from train.sweep.trials import trial_hash, trial_name
 
 
 def test_grid_product_order_and_fixed_overrides_stay_out_of_trials():

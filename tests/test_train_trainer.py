@@ -10,15 +10,15 @@ import torch
 
 from eval.predictions import read_predictions
 from shards.errors import CheckpointError, ConfigError, StoreError
-from train.api import Grounder
+from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import RunConfig, apply_overrides, get_preset
+from train.engine.runlog import RunDirError, read_metrics
+from train.engine.schedule import LrSchedule
+from train.engine.step import build_state, resolve_device
+from train.engine.trainer import train_run
+from train.inference import Grounder
 from train.model import R2Tuning
-from train.runlog import RunDirError, read_metrics
-from train.schedule import LrSchedule
-from train.step import build_state, resolve_device
-from train.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
-from train.trainer import train_run
 
 SPEC = SyntheticSpec(n_videos=10, n_heldout=3, clips=16, layers=2, max_len=5, seed=3)
 OVERRIDES = [
@@ -216,7 +216,7 @@ def test_device_resolution_and_amp_only_on_cuda():
 
 
 def test_loader_memory_bound_is_a_config_knob(store):
-    from train.trainer import train_loader
+    from train.engine.trainer import train_loader
 
     cfg = _cfg(1, "train.loader_memory_gb=0.5")
     loader = train_loader(store, cfg, "train", keep=set(), pin=False)

@@ -1,6 +1,7 @@
 """``r2 train``: train the R² model on a feature store (``--dry-run``: show the model and stop).
 
-Training itself is :func:`train.trainer.train_run`; the device is ``--device`` or else ``train.device``.
+Training itself is :func:`train.engine.trainer.train_run`; the device is ``--device`` or else
+``train.device``.
 
 ``train`` is the command function (``r2.cli`` registers it as ``r2 train``); ``app`` is a typer app
 with this one command, for running it on its own.
@@ -49,7 +50,7 @@ def train(
         return
     if store is None:
         raise ConfigError("training needs --store (a feature store); or use --dry-run")
-    from train.trainer import train_run  # heavy imports (store, loader) only when training
+    from train.engine.trainer import train_run  # heavy imports (store, loader) only when training
 
     out = out or Path("runs") / cfg.preset
     result = train_run(cfg, store, out, resume=resume, device=device or cfg.train.device)

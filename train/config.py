@@ -160,7 +160,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW + step decay per epoch + linear warm-up per iteration (see :mod:`train.schedule`).
+    """AdamW + step decay per epoch + linear warm-up per iteration (see :mod:`train.engine.schedule`).
 
     Attributes:
         lr: peak learning rate.

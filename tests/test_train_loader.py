@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from shards.loader import LoaderConfig, MemorySource, StreamingLoader
 from shards.schema import Query
 from shards.store import FeatureStore, create_store, open_store
+from train.data.loader import LoaderConfig, MemorySource, StreamingLoader
 
 K, P, C, CQ = 2, 3, 8, 4
 FPS = 0.5

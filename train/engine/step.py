@@ -1,8 +1,8 @@
 """One model's training state and optimizer step, apart from any loop.
 
 :func:`build_state` makes model + AdamW + schedule (+ GradScaler on CUDA) from a :class:`RunConfig`;
-:func:`train_step` takes one optimizer step on prepared :class:`~train.batching.ModelInputs`. The
-loop in :mod:`train.trainer` and the sweep's shared data pass (several models fed by one read of
+:func:`train_step` takes one optimizer step on prepared :class:`~train.data.batching.ModelInputs`. The
+loop in :mod:`train.engine.trainer` and the sweep's shared data pass (several models fed by one read of
 the data) both drive these. :func:`state_meta` / :func:`load_state_meta` turn the optimizer, scaler
 and counters into checkpoint data and back.
 """
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from shards.errors import ConfigError
-from train.batching import ModelInputs
 from train.config import RunConfig
+from train.data.batching import ModelInputs
+from train.engine.schedule import LrSchedule, build_optimizer, clip_gradients
 from train.model import R2Tuning
-from train.schedule import LrSchedule, build_optimizer, clip_gradients
 
 
 @dataclass

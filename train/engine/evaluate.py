@@ -21,10 +21,10 @@ from eval.metrics import evaluate
 from eval.postprocess import postprocess
 from eval.predictions import QueryPrediction
 from shards.datasets import DatasetSpec, get_dataset
-from shards.loader import Batch, LoaderConfig, StreamingLoader, TokenSource
 from shards.schema import Query
-from train.batching import per_query_targets
 from train.config import RunConfig
+from train.data.batching import per_query_targets
+from train.data.loader import Batch, LoaderConfig, StreamingLoader, TokenSource
 from train.model import R2Tuning, decode_sample
 
 

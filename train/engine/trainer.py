@@ -1,14 +1,14 @@
 """The training loop: a feature store in, a scored checkpoint out.
 
 :func:`train_run` streams the store's ``train.train_split`` with
-:class:`shards.loader.StreamingLoader` (queries of one video share one read of its tokens), takes
-optimizer steps with :mod:`train.step`, validates every ``train.val_every`` epochs with
-:mod:`train.evaluate`, keeps the best checkpoint on the preset's key metric and writes the run
-directory described in :mod:`train.runlog` (through :mod:`train.records`, as the sweep's shared pass
-does). CLIP is never loaded. An interrupted run continues with ``resume=True`` from its last
-completed epoch, bit-for-bit on CPU: weights, optimizer, scaler, counters and the python/numpy/torch
-generator states are restored, and the loader order and positive-clip draws are pure functions of
-(seed, epoch).
+:class:`train.data.loader.StreamingLoader` (queries of one video share one read of its tokens), takes
+optimizer steps with :mod:`train.engine.step`, validates every ``train.val_every`` epochs with
+:mod:`train.engine.evaluate`, keeps the best checkpoint on the preset's key metric and writes the run
+directory described in :mod:`train.engine.runlog` (through :mod:`train.engine.records`, as the
+sweep's shared pass does). CLIP is never loaded. An interrupted run continues with ``resume=True``
+from its last completed epoch, bit-for-bit on CPU: weights, optimizer, scaler, counters and the
+python/numpy/torch generator states are restored, and the loader order and positive-clip draws are
+pure functions of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -25,19 +25,19 @@ from tqdm import tqdm
 
 from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import CheckpointError, ConfigError
-from shards.loader import LoaderConfig, StreamingLoader
 from shards.schema import Query
 from shards.store import FeatureStore, Manifest, open_store
-from train.batching import ModelInputs, model_inputs
 from train.checkpoint import Checkpoint, load_weights, read_checkpoint
 from train.compat import config_for_store, open_store_for, store_identity, with_token_dims
 from train.config import RunConfig
-from train.evaluate import validate, validation_loader
-from train.records import Best, EpochStats, end_epoch, record_validation, validation_due
-from train.rng import capture_rng, restore_rng, seed_everything
-from train.runlog import RunPaths, prepare_run_dir, read_metrics, truncate_metrics, write_json_atomic
-from train.step import TrainState, build_state, load_state_meta, resolve_device, train_step
-from train.targets_data import query_targets
+from train.data.batching import ModelInputs, model_inputs
+from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.targets import query_targets
+from train.engine.evaluate import validate, validation_loader
+from train.engine.records import Best, EpochStats, end_epoch, record_validation, validation_due
+from train.engine.rng import capture_rng, restore_rng, seed_everything
+from train.engine.runlog import RunPaths, prepare_run_dir, read_metrics, truncate_metrics, write_json_atomic
+from train.engine.step import TrainState, build_state, load_state_meta, resolve_device, train_step
 
 MIN_TRAIN_VIDEO_SECONDS = 5.0
 """Moment-retrieval training skips videos shorter than this (reference ``min_video_len``)."""

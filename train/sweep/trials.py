@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.runlog import write_json_atomic, write_text_atomic
+from train.engine.runlog import write_json_atomic, write_text_atomic
 
 DONE_FILE = "done.json"
 ERROR_FILE = "error.txt"

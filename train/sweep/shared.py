@@ -7,16 +7,16 @@ splits and loader workers fix the batches), when the loader runs in the trial pr
 (``train.num_workers=0``), when none of them has a ``last.pt`` to continue from, and when K models fit
 in memory together (:func:`group_requests`).
 
-The set-up (:func:`train.trainer.open_run_data`), the epoch's batches
-(:func:`train.trainer.epoch_inputs`) and every file of a trial folder (:mod:`train.records`) are the
-trainer's own.
+The set-up (:func:`train.engine.trainer.open_run_data`), the epoch's batches
+(:func:`train.engine.trainer.epoch_inputs`) and every file of a trial folder
+(:mod:`train.engine.records`) are the trainer's own.
 
-Same results as separate runs. ``train.trainer.train_run`` seeds every global generator with
-``train.seed`` (:func:`train.rng.seed_everything`), builds the model, then draws from the global
+Same results as separate runs. ``train.engine.trainer.train_run`` seeds every global generator with
+``train.seed`` (:func:`train.engine.rng.seed_everything`), builds the model, then draws from the global
 torch generator only inside optimizer steps (dropout, drop-path); batch order and positive-clip draws
 come from generators that are pure functions of (seed, pass). The shared pass gives every model its
 own copy of the global generator states: it seeds and builds each model exactly as ``train_run`` does,
-captures the states (:func:`train.rng.capture_rng`), and around each of that model's steps restores
+captures the states (:func:`train.engine.rng.capture_rng`), and around each of that model's steps restores
 them and captures them again. So each model sees the random stream a separate run of its config
 would see; on CPU its weights, losses and metrics are bit-identical to ``train_run``'s (tested), and
 its ``last.pt`` holds its own generator states, so an interrupted trial resumes alone with
@@ -37,17 +37,18 @@ import torch
 
 from shards.errors import ConfigError
 from shards.store import open_store
-from train.batching import ModelInputs
 from train.compat import config_for_store
 from train.config import RunConfig
-from train.evaluate import predict_batch, score_predictions
+from train.data.batching import ModelInputs
+from train.engine.evaluate import predict_batch, score_predictions
+from train.engine.records import Best, EpochStats, end_epoch, record_validation, validation_due
+from train.engine.rng import capture_rng, restore_rng, seed_everything
+from train.engine.runlog import RunPaths, prepare_run_dir
+from train.engine.step import TrainState, build_state, resolve_device, train_step
+from train.engine.trainer import epoch_inputs, open_run_data
 from train.model import R2Tuning, count_parameters
-from train.records import Best, EpochStats, end_epoch, record_validation, validation_due
-from train.rng import capture_rng, restore_rng, seed_everything
-from train.runlog import RunPaths, prepare_run_dir
-from train.step import TrainState, build_state, resolve_device, train_step
-from train.sweep_config import fresh_trial_dir, request_config, result_metrics
-from train.sweep_trials import (
+from train.sweep.config import fresh_trial_dir, request_config, result_metrics
+from train.sweep.trials import (
     TrialRecord,
     TrialRequest,
     fail_trial,
@@ -55,7 +56,6 @@ from train.sweep_trials import (
     set_torch_threads,
     start_trial,
 )
-from train.trainer import epoch_inputs, open_run_data
 
 SHARED_MODEL_SECTIONS = ("model", "loss", "optim", "eval")
 """Config sections whose keys may differ between trials of one shared pass ..."""
@@ -188,7 +188,7 @@ class _Member:
 
 
 class SharedPass:
-    """Set-up and loop of one shared pass (``train.trainer.train_run`` for K models).
+    """Set-up and loop of one shared pass (``train.engine.trainer.train_run`` for K models).
 
     Args:
         requests: the trials (same store, same device, compatible configs).

@@ -1,8 +1,8 @@
 """Hyper-parameter sweeps over a feature store, run on dask.distributed.
 
-``plan_sweep`` turns a :class:`~train.sweep_spec.SweepSpec` into trial requests (one directory each, see
-:mod:`train.sweep_trials`); ``run_sweep`` skips the trials an earlier run finished, groups the rest into
-tasks (one trial, or K trials trained together on one shared data pass, see :mod:`train.shared_pass`),
+``plan_sweep`` turns a :class:`~train.sweep.spec.SweepSpec` into trial requests (one directory each, see
+:mod:`train.sweep.trials`); ``run_sweep`` skips the trials an earlier run finished, groups the rest into
+tasks (one trial, or K trials trained together on one shared data pass, see :mod:`train.sweep.shared`),
 runs the tasks -- on a ``LocalCluster`` sized to the machine (worker processes with one thread each), on
 an existing scheduler (``scheduler='tcp://host:8786'``), or in this process (``workers=0``) -- and writes
 ``results.csv`` / ``results.json`` / ``sweep.png`` into the sweep directory (also when interrupted).
@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from shards.errors import R2Error
-from train.runlog import write_json_atomic
-from train.sweep_results import SweepResult, write_results
-from train.sweep_spec import SweepSpec, expand
-from train.sweep_trials import (
+from train.engine.runlog import write_json_atomic
+from train.sweep.results import SweepResult, write_results
+from train.sweep.spec import SweepSpec, expand
+from train.sweep.trials import (
     TrialFn,
     TrialRecord,
     TrialRequest,
@@ -93,7 +93,7 @@ def plan_sweep(
     if not Path(spec.store).exists():
         raise SweepError(f"feature store {spec.store}: not found; extract one (r2 extract) or fix --store")
     if key_metric is None:
-        from train.sweep_config import with_loader_default
+        from train.sweep.config import with_loader_default
 
         spec = replace(spec, fixed=with_loader_default(spec.fixed))
     out_dir = Path(out_dir).resolve()
@@ -106,7 +106,7 @@ def plan_sweep(
         requests.append(TrialRequest(index, name, str(out_dir / name), spec.preset, spec.store,
                                      overrides, params, device=device))
     if key_metric is None:
-        from train.sweep_config import check_sweep
+        from train.sweep.config import check_sweep
 
         trials = [r.override_list() for r in requests]
         key_metric, higher_is_better, arch = check_sweep(spec.preset, spec.store, trials)
@@ -185,11 +185,11 @@ def run_task(requests: list[TrialRequest], trial_fn: TrialFn | None) -> list[Tri
     device = _worker_device(requests[0].device)
     requests = [replace(r, device=device) for r in requests]
     if len(requests) > 1:
-        from train.shared_pass import run_shared_trials
+        from train.sweep.shared import run_shared_trials
 
         return run_shared_trials(requests)
     if trial_fn is None:
-        from train.sweep_config import train_trial
+        from train.sweep.config import train_trial
 
         trial_fn = train_trial
     return [execute_trial(trial_fn, requests[0])]
@@ -295,7 +295,7 @@ def run_sweep(
     Args:
         plan: from :func:`plan_sweep`.
         trial_fn: runs one trial and returns its metrics (default: the real trainer,
-            ``train.sweep_config.train_trial``). A custom function disables shared passes.
+            ``train.sweep.config.train_trial``). A custom function disables shared passes.
         workers: LocalCluster worker processes (``None``: :func:`default_workers`; ``0``: run here).
         scheduler: address of an existing dask scheduler (then ``workers`` is ignored).
         shared_pass: ``auto`` (group compatible trials when it pays), ``on`` (group all compatible
@@ -354,6 +354,6 @@ def _make_tasks(pending: list[TrialRequest], trial_fn: TrialFn | None, shared_pa
     """Single-trial tasks, or shared-pass groups of compatible trials (real trainer only)."""
     if shared_pass == "off" or trial_fn is not None or len(pending) < 2:
         return [[r] for r in pending]
-    from train.shared_pass import group_requests
+    from train.sweep.shared import group_requests
 
     return group_requests(pending, slots=slots, mode=shared_pass)

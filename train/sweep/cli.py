@@ -12,10 +12,10 @@ from pathlib import Path
 
 import typer
 
-from train.sweep import SHARED_PASS_MODES, SweepError, plan_sweep, run_sweep
-from train.sweep_results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_command, format_table
-from train.sweep_spec import build_spec
-from train.sweep_trials import TrialRecord
+from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_command, format_table
+from train.sweep.runner import SHARED_PASS_MODES, SweepError, plan_sweep, run_sweep
+from train.sweep.spec import build_spec
+from train.sweep.trials import TrialRecord
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -1,10 +1,10 @@
 """Loader batch -> model inputs and targets, on the training device.
 
-The streaming loader (:mod:`shards.loader`) yields each video's tokens once per batch,
+The streaming loader (:mod:`train.data.loader`) yields each video's tokens once per batch,
 ``video`` (V, T, k', P, C) float16, with ``video_index`` (B,) naming the row of each query. This
 module moves the V videos to the device, keeps the last ``k`` layers, expands them to one row per
 query there (so host memory and host-to-device copies stay per video) and builds the per-query
-targets of :mod:`train.targets_data`, padded as the reference collate pads them (saliency 0,
+targets of :mod:`train.data.targets`, padded as the reference collate pads them (saliency 0,
 boundary rows ``+inf``).
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from shards.datasets import DatasetSpec
-from shards.loader import Batch
+from train.data.loader import Batch
+from train.data.targets import QueryTargets, query_targets, sample_positive
 from train.model import Targets
-from train.targets_data import QueryTargets, query_targets, sample_positive
 
 
 @dataclass
@@ -111,7 +111,7 @@ def model_inputs(
     and validation): the clips beyond are masked and zeroed.
 
     Args:
-        batch: from :class:`shards.loader.StreamingLoader`.
+        batch: from :class:`train.data.loader.StreamingLoader`.
         spec: dataset of the store (decides the saliency and positive-clip rules).
         layers: k, CLIP layers the model fuses (the last ``k`` of the stored ones).
         device: where the tensors go.

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shards.atomic import atomic_path
-from train.runlog import write_json_atomic, write_text_atomic
-from train.sweep_trials import TrialRecord
+from train.engine.runlog import write_json_atomic, write_text_atomic
+from train.sweep.trials import TrialRecord
 
 if TYPE_CHECKING:
-    from train.sweep import SweepPlan
+    from train.sweep.runner import SweepPlan
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"

@@ -4,7 +4,7 @@
   backbone, then the sweep's fixed overrides, then its own, with the store's token dims.
 - :func:`check_sweep`: fail before anything runs (unknown key, bad value, store that does not fit
   the preset, no validation split to rank the trials by).
-- :func:`train_trial`: the default trial function, ``train.trainer.train_run`` into the trial folder
+- :func:`train_trial`: the default trial function, ``train.engine.trainer.train_run`` into the trial folder
   (continuing from its ``last.pt`` when an earlier attempt was interrupted after an epoch).
 
 Kept apart from :mod:`train.sweep` so that planning and bookkeeping import neither torch nor the model.
@@ -19,7 +19,7 @@ from shards.errors import ConfigError
 from shards.store import Manifest, open_store
 from train.compat import config_for_store
 from train.config import RunConfig, apply_overrides, get_preset, normalize_arch
-from train.sweep_trials import TrialRequest
+from train.sweep.trials import TrialRequest
 
 NUM_WORKERS_KEY = "train.num_workers"
 """Loader worker processes of a trial; the sweep fixes it to 0 unless ``--set`` says otherwise
@@ -74,7 +74,7 @@ def check_sweep(preset: str, store: str | Path, trials: list[list[str]]) -> tupl
         ConfigError: a bad override (the message names it), or a trial without a validation split.
         StoreError: a store that does not fit the preset.
     """
-    from train.trainer import choose_val_split
+    from train.engine.trainer import choose_val_split
 
     handle = open_store(store)
     for overrides in trials:
@@ -104,13 +104,13 @@ def result_metrics(best_metrics: dict[str, float], best_epoch: int | None, epoch
 
 
 def train_trial(request: TrialRequest) -> dict[str, float]:
-    """Train one trial with ``train.trainer.train_run`` in ``request.trial_dir``.
+    """Train one trial with ``train.engine.trainer.train_run`` in ``request.trial_dir``.
 
     The folder ends up as ``train_run`` leaves it (config.json, run.json, metrics.jsonl, last.pt, best.pt,
     best.json, val_preds.jsonl); the sweep adds ``done.json``. An earlier interrupted attempt with a
     ``last.pt`` is continued, any other leftover is removed first.
     """
-    from train.trainer import train_run
+    from train.engine.trainer import train_run
 
     cfg = request_config(request)
     trial_dir = Path(request.trial_dir)

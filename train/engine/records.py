@@ -6,7 +6,7 @@
   a new best writes ``best.pt``, ``best.json`` and ``val_preds.jsonl``.
 - :func:`end_epoch`: append the epoch's record to ``metrics.jsonl`` and write ``last.pt``.
 
-:func:`train.trainer.train_run` and the sweep's shared pass (:mod:`train.shared_pass`, K models on one
+:func:`train.engine.trainer.train_run` and the sweep's shared pass (:mod:`train.sweep.shared`, K models on one
 read of the data) both record through these functions, so a trial of a shared pass leaves the files a
 separate run leaves.
 """
@@ -19,12 +19,12 @@ from typing import Any
 from eval.predictions import write_predictions
 from shards.errors import ConfigError
 from train.checkpoint import save_checkpoint
-from train.evaluate import Validation
-from train.runlog import RunPaths, append_metrics, write_json_atomic
-from train.step import TrainState, state_meta
+from train.engine.evaluate import Validation
+from train.engine.runlog import RunPaths, append_metrics, write_json_atomic
+from train.engine.step import TrainState, state_meta
 
 _STEP_INFO = ("lr", "skipped", "grad_norm")
-"""Keys of a :func:`train.step.train_step` result that are not losses."""
+"""Keys of a :func:`train.engine.step.train_step` result that are not losses."""
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EpochStats:
     samples: int = 0
 
     def add(self, out: dict[str, float], samples: int) -> None:
-        """Count one :func:`train.step.train_step` result ``out`` of a batch of ``samples`` queries."""
+        """Count one :func:`train.engine.step.train_step` result ``out`` of a batch of ``samples`` queries."""
         self.lr = out["lr"]
         self.skipped += int(out["skipped"])
         for name, value in out.items():
@@ -151,7 +151,7 @@ def end_epoch(
     rng: dict[str, Any],
 ) -> None:
     """Append ``record`` to ``metrics.jsonl``, then write ``last.pt``: weights, optimizer and counters,
-    the generator states ``rng`` (:func:`train.rng.capture_rng`), ``best``, the store ``identity`` and
+    the generator states ``rng`` (:func:`train.engine.rng.capture_rng`), ``best``, the store ``identity`` and
     the loader position."""
     cfg = state.cfg
     append_metrics(paths.metrics, record)

@@ -1,0 +1,1 @@
+"""The test suite; ``tests.helpers`` also serves the benchmarks."""

@@ -1,0 +1,1 @@
+"""The training engine: optimizer step, the one training loop, validation and the run's records."""

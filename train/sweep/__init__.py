@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps: spec, trials, runner on dask, results, the shared data pass and the CLI."""
