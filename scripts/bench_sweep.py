@@ -36,7 +36,7 @@ from benchlib import drop_cache, machine
 
 import shards.store
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
-from train.engine.trainer import epoch_inputs, open_run_data
+from train.engine.rundata import epoch_inputs, open_run_data
 from train.sweep.config import trial_config
 from train.sweep.runner import plan_sweep, run_sweep
 from train.sweep.spec import build_spec

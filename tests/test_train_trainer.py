@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from eval.predictions import read_predictions
+from shards.device import resolve_device
 from shards.errors import CheckpointError, ConfigError, StoreError
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import RunConfig, apply_overrides, get_preset
 from train.engine.runlog import RunDirError, read_metrics
 from train.engine.schedule import LrSchedule
-from train.engine.step import build_state, resolve_device
+from train.engine.step import build_state
 from train.engine.trainer import train_run
 from train.inference import Grounder
 from train.model import R2Tuning
@@ -188,9 +189,11 @@ def test_schedule_warmup_and_step_decay():
 def test_cli_trains_and_refuses_to_overwrite(store, tmp_path):
     from typer.testing import CliRunner
 
-    from train.cli import app
+    from r2.cli import build_app
 
-    args = ["--preset", "tacos", "--store", str(store), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    app = build_app()
+    args = ["train", "--preset", "tacos", "--store", str(store), "--out", str(tmp_path / "run")]
+    args += ["--device", "cpu"]
     for item in [f"model.arch={SPEC.backbone}", f"model.layers={SPEC.layers}", *OVERRIDES, "epochs=1"]:
         args += ["--set", item]
     done = CliRunner().invoke(app, args)
@@ -216,7 +219,7 @@ def test_device_resolution_and_amp_only_on_cuda():
 
 
 def test_loader_memory_bound_is_a_config_knob(store):
-    from train.engine.trainer import train_loader
+    from train.engine.rundata import train_loader
 
     cfg = _cfg(1, "train.loader_memory_gb=0.5")
     loader = train_loader(store, cfg, "train", keep=set(), pin=False)

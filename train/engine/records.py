@@ -6,9 +6,8 @@
   a new best writes ``best.pt``, ``best.json`` and ``val_preds.jsonl``.
 - :func:`end_epoch`: append the epoch's record to ``metrics.jsonl`` and write ``last.pt``.
 
-:func:`train.engine.trainer.train_run` and the sweep's shared pass (:mod:`train.sweep.shared`, K models on one
-read of the data) both record through these functions, so a trial of a shared pass leaves the files a
-separate run leaves.
+The training loop (:mod:`train.engine.loop`) records every model through these functions, so a trial
+of a sweep's shared pass leaves the files a separate run leaves.
 """
 
 from __future__ import annotations

@@ -6,13 +6,10 @@ Parameter names equal the official checkpoints (``coef``, ``adapter.*``, ``pyram
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from train.config import LossConfig, ModelConfig
-from train.model.decode import decode_sample
 from train.model.heads import AdaPooling, ConvHead
 from train.model.losses import BundleLoss
 from train.model.outputs import R2Output
@@ -68,29 +65,23 @@ class R2Tuning(nn.Module):
 
     def forward(
         self,
-        video: torch.Tensor | dict[str, Any],
-        video_mask: torch.Tensor | None = None,
-        query: torch.Tensor | None = None,
-        query_mask: torch.Tensor | None = None,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
         targets: Targets | None = None,
-        mode: str = "test",
-    ) -> R2Output | dict[str, Any]:
+    ) -> R2Output:
         """Run the model on a batch of cached tokens.
 
         Args:
-            video: (B, T, N, P, C) float visual tokens of N >= k layers (the last k are used), or an
-                official-style batch dict (then see :meth:`forward_official`; ``mode`` applies).
+            video: (B, T, N, P, C) float visual tokens of N >= k layers (the last k are used).
             video_mask: (B, T) bool, True = real frame.
             query: (B, L, N, Cq) float text tokens. query_mask: (B, L) bool, True = real token.
             targets: ground truth; when given, ``out.losses`` holds the weighted losses.
 
-        Returns:
-            :class:`R2Output` (a dict for the official calling convention).
+        The reference's calling convention (``model(data_dict, mode=...)``) is
+        :func:`train.model.reference.forward_reference`.
         """
-        if isinstance(video, dict):
-            return self.forward_official(video, mode)
-        if video_mask is None or query is None or query_mask is None:
-            raise TypeError("R2Tuning needs video, video_mask, query and query_mask")
         video_mask, query_mask = video_mask.bool(), query_mask.bool()
         adapter_video, query_tokens, coll_v, coll_q = self.adapter(video, query, video_mask, query_mask)
         levels, level_masks = self.pyramid(adapter_video, video_mask)
@@ -134,54 +125,6 @@ class R2Tuning(nn.Module):
         raw = [self.coord_head(level) for level in levels]
         coord = torch.cat([r.exp() * self.coef[i] for i, r in enumerate(raw)], dim=1)
         return class_logits, torch.cat(raw, dim=1), coord
-
-    def forward_official(self, data: dict[str, Any], mode: str = "test") -> dict[str, Any]:
-        """The reference calling convention ``model(data, mode)`` (see tests/data/r2_parity/README.md).
-
-        ``data['video']`` (B, T, N*P*C) and ``data['query']`` (B, L, N*Cq) are padded with ``+inf``
-        (masks come from the finiteness of entry 0); ``data['fps']`` is a list of floats; in ``train``
-        and ``val`` mode also ``boundary`` (B, M, 2) seconds (+inf rows), ``saliency`` (B, T) and
-        ``pos_clip`` (B, 1). The caller's tensors are not modified.
-
-        Returns:
-            ``train``: ``{loss_*}``; ``val``: losses and ``_out``; ``test``: ``{'_out': {'saliency' (T,),
-            'boundary' (≤ max_num_moment, 3)}}`` (``boundary`` only with a coord head; B must be 1).
-        """
-        if mode not in ("train", "val", "test"):
-            raise ValueError(f"mode must be train, val or test, got {mode!r}")
-        video, video_mask = _split_padding(data["video"])
-        query, query_mask = _split_padding(data["query"])
-        (batch, frames), tokens = video.shape[:2], query.size(1)
-        dims = self.token_dims
-        video = video.view(batch, frames, -1, dims.video_tokens, dims.video_width)
-        query = query.view(batch, tokens, -1, dims.text_width)
-        fps = torch.as_tensor(data["fps"], dtype=torch.float32, device=video.device).reshape(batch)
-        targets = None
-        if mode != "test":
-            targets = Targets(
-                saliency=data["saliency"],
-                pos_clip=data["pos_clip"].reshape(batch),
-                fps=fps,
-                boundary=data.get("boundary"),
-            )
-        out = self(video, video_mask, query, query_mask, targets=targets)
-        result: dict[str, Any] = dict(out.losses or {})
-        if mode != "train":
-            if batch != 1:
-                raise ValueError(f"{mode} mode decodes one sample at a time, got a batch of {batch}")
-            windows, saliency = decode_sample(
-                out, 0, float(fps[0]), self.cfg.max_num_moment, self.cfg.merge_cls_sal
-            )
-            result["_out"] = (
-                {"saliency": saliency} if windows is None else {"saliency": saliency, "boundary": windows}
-            )
-        return result
-
-
-def _split_padding(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, F) padded with non-finite rows -> (copy with non-finite entries zeroed, mask (B, T) bool)."""
-    finite = x.isfinite()
-    return torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), finite[:, :, 0]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from shards.backbones import normalize_backbone
+from shards.datasets import get_dataset
 from shards.errors import ConfigError
 from shards.store import Manifest, open_store
 from train.compat import config_for_store
-from train.config import RunConfig, apply_overrides, get_preset, normalize_arch
+from train.config import RunConfig, apply_overrides, get_preset
 from train.sweep.trials import TrialRequest
 
 NUM_WORKERS_KEY = "train.num_workers"
@@ -28,7 +30,7 @@ NUM_WORKERS_KEY = "train.num_workers"
 
 def store_arch(manifest: Manifest) -> str:
     """Backbone name of a store for ``model.arch`` (its token dims come from the manifest)."""
-    return normalize_arch(manifest.backbone)
+    return normalize_backbone(manifest.backbone)
 
 
 def config_on_store(preset: str, manifest: Manifest, store: str | Path, overrides: list[str]) -> RunConfig:
@@ -74,7 +76,7 @@ def check_sweep(preset: str, store: str | Path, trials: list[list[str]]) -> tupl
         ConfigError: a bad override (the message names it), or a trial without a validation split.
         StoreError: a store that does not fit the preset.
     """
-    from train.engine.trainer import choose_val_split
+    from train.engine.rundata import choose_val_split
 
     handle = open_store(store)
     for overrides in trials:
@@ -82,8 +84,7 @@ def check_sweep(preset: str, store: str | Path, trials: list[list[str]]) -> tupl
         if choose_val_split(handle, cfg) is None:
             raise ConfigError(f"store {store} has no 'val' or 'test' queries for preset {preset!r}: "
                               "a sweep ranks trials by validation metrics (or --set train.val_split=NAME)")
-    base = get_preset(preset, arch=store_arch(handle.manifest))
-    return base.eval.key_metric, True, store_arch(handle.manifest)
+    return get_dataset(get_preset(preset).dataset).key_metric, True, store_arch(handle.manifest)
 
 
 def fresh_trial_dir(trial_dir: Path) -> bool:

@@ -1,0 +1,180 @@
+"""The one training loop: K ≥ 1 models stepped on one pass over the data, validated and recorded.
+
+``r2 train`` runs it with one model (:func:`train.engine.trainer.train_run`), a sweep's shared pass
+with K models whose configs make the same batches (:mod:`train.sweep.shared`). Each epoch::
+
+    for batch in epoch_inputs(...):          # read and moved to the device once
+        for model in models: step(model)     # each with its own global-generator states
+    validate every model on one read of the validation split
+    record each model: metrics.jsonl, best.pt / best.json / val_preds.jsonl on a new best, last.pt
+
+Every model owns the states of the global generators (python, numpy, torch) that its steps draw from
+(dropout, drop-path): they are restored before and captured after each of its steps, so a model sees
+the random stream a run of its config alone would see (on CPU its weights, losses and metrics are
+bit-identical), and its ``last.pt`` holds its own states, so an interrupted run resumes alone.
+
+With ``isolate_failures`` (the sweep), a model whose step, validation or files fail is set aside with
+its error and the others go on; otherwise (``r2 train``) the error propagates at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from shards.datasets import get_dataset
+from train.config import RunConfig
+from train.data.batching import ModelInputs
+from train.engine.evaluate import predict_batch, score_predictions
+from train.engine.records import Best, EpochStats, end_epoch, record_validation, validation_due
+from train.engine.rng import capture_rng, restore_rng, seed_everything
+from train.engine.rundata import RunData, epoch_inputs
+from train.engine.runlog import RunPaths
+from train.engine.step import TrainState, build_state, train_step
+
+
+@dataclass
+class Member:
+    """One model of the loop with the bookkeeping of its run directory.
+
+    Attributes:
+        state: model, optimizer, schedule and counters.
+        paths: its run directory.
+        best: its best validated epoch so far (ranked by the dataset's key metric).
+        rng: its states of the global generators (:func:`train.engine.rng.capture_rng`).
+        stats: running totals of the current epoch's steps.
+        error: why it was set aside (``isolate_failures`` only), else ``None``.
+    """
+
+    state: TrainState
+    paths: RunPaths
+    best: Best
+    rng: dict[str, Any]
+    stats: EpochStats = field(default_factory=lambda: EpochStats(lr=0.0))
+    error: BaseException | None = None
+
+    def step(self, inputs: ModelInputs, size: int) -> dict[str, float]:
+        """One optimizer step on ``inputs`` (``size`` queries) with this model's generator states."""
+        restore_rng(self.rng)
+        try:
+            out = train_step(self.state, inputs)
+        finally:
+            self.rng = capture_rng()
+        self.stats.add(out, size)
+        return out
+
+
+def new_member(cfg: RunConfig, data: RunData, paths: RunPaths) -> Member:
+    """A fresh model of ``cfg`` on ``data.device`` writing to ``paths``: global generators seeded with
+    ``train.seed``, the model built (its initial weights depend on the seed only), the states taken."""
+    seed_everything(cfg.train.seed)
+    state = build_state(cfg, data.device)
+    return Member(state, paths, Best(get_dataset(cfg.dataset).key_metric), capture_rng())
+
+
+class TrainLoop:
+    """Train ``members`` on ``data`` from their current epoch to ``train.epochs``.
+
+    Args:
+        data: what the models read (their configs agree on every key that decides the batches).
+        members: the models, all at the same epoch (0 for a fresh run, the resumed one otherwise).
+        isolate_failures: set a failing model aside and go on with the others (else raise).
+        progress: tqdm bars on stderr for the epoch and the validation.
+    """
+
+    def __init__(
+        self, data: RunData, members: list[Member], isolate_failures: bool = False, progress: bool = False
+    ) -> None:
+        if len({m.state.epoch for m in members}) != 1:
+            raise ValueError("the models of one loop must be at the same epoch")
+        self.data = data
+        self.members = members
+        self.cfg = members[0].state.cfg
+        self.isolate_failures = isolate_failures
+        self.progress = progress
+
+    @property
+    def alive(self) -> list[Member]:
+        """The models not set aside."""
+        return [m for m in self.members if m.error is None]
+
+    @contextmanager
+    def _guard(self, member: Member) -> Iterator[None]:
+        """Record an error of ``member`` and continue (``isolate_failures``), else let it propagate."""
+        try:
+            yield
+        except Exception as err:
+            if not self.isolate_failures:
+                raise
+            member.error = err
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="q", disable=not self.progress, leave=False)
+
+    def _train_epoch(self, epoch: int) -> float:
+        """Epoch ``epoch`` (0-based) of every model; returns its wall time in seconds."""
+        for m in self.alive:
+            m.stats = EpochStats(lr=m.state.schedule.lr_at(m.state.epoch, m.state.iteration))
+        data, cfg = self.data, self.cfg
+        total = data.loader.num_queries * cfg.train.repeat
+        start = time.perf_counter()
+        with self._bar(total, f"epoch {epoch + 1}/{cfg.train.epochs}") as bar:
+            for inputs, size in epoch_inputs(data.loader, cfg, data.spec, data.device, epoch):
+                losses = []
+                for m in self.alive:
+                    with self._guard(m):
+                        losses.append(m.step(inputs, size)["loss"])
+                bar.update(size)
+                if losses:
+                    rate = bar.n / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", sps=f"{rate:.1f}")
+        return time.perf_counter() - start
+
+    def _validate(self, records: dict[int, dict[str, Any]]) -> None:
+        """One read of the validation split: every model predicts each batch, then ranks its predictions
+        (a new best writes its best files)."""
+        data = self.data
+        if data.val_loader is None or data.val_split is None:
+            return
+        predictions: dict[int, list] = {id(m): [] for m in self.alive}
+        start = time.perf_counter()
+        with self._bar(data.val_loader.num_queries, "validate") as bar:
+            for batch in data.val_loader:
+                for m in self.alive:
+                    with self._guard(m):
+                        model, cfg = m.state.model, m.state.cfg
+                        predictions[id(m)] += predict_batch(model, batch, data.spec, cfg, data.device)
+                bar.update(len(batch))
+        seconds = time.perf_counter() - start
+        queries = data.val_loader.dataset.queries
+        for m in self.alive:
+            with self._guard(m):
+                validation = score_predictions(data.spec.name, predictions[id(m)], queries, seconds)
+                records[id(m)].update(
+                    record_validation(m.state, validation, m.best, m.paths, data.identity, data.val_split)
+                )
+
+    def run(self) -> None:
+        """Train every model up to ``train.epochs`` epochs, validating every ``train.val_every`` epochs and
+        after the last, and record each epoch (``metrics.jsonl``, ``last.pt``)."""
+        cfg = self.cfg
+        for epoch in range(self.members[0].state.epoch, cfg.train.epochs):
+            seconds = self._train_epoch(epoch)
+            records: dict[int, dict[str, Any]] = {}
+            for m in self.alive:
+                m.state.epoch += 1
+                records[id(m)] = {"epoch": m.state.epoch, **m.stats.record(seconds)}
+                records[id(m)]["iteration"] = m.state.iteration
+            if validation_due(epoch + 1, cfg.train.val_every, cfg.train.epochs):
+                self._validate(records)
+            for m in self.alive:
+                with self._guard(m):
+                    end_epoch(m.state, records[id(m)], m.best, m.paths, self.data.identity, m.rng)
+            if not self.alive:
+                return
+

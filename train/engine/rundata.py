@@ -1,0 +1,208 @@
+"""The data side of a training run: which queries it trains and validates on, its loaders, and the
+batches of each epoch.
+
+:func:`open_run_data` opens the store for a config (checking that the config fits it and taking its
+token dims), picks the training queries as the reference filters them and the validation split, and
+builds the loaders. :func:`epoch_inputs` yields the model inputs of one epoch; their order and the
+positive-clip draws are pure functions of (seed, epoch), so a resumed run and a shared sweep pass see
+the batches a fresh run sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shards.datasets import DatasetSpec, get_dataset
+from shards.device import resolve_device
+from shards.errors import ConfigError
+from shards.schema import Query
+from shards.store import FeatureStore, Manifest, open_store
+from train.compat import config_for_store
+from train.config import RunConfig
+from train.data.batching import ModelInputs, model_inputs
+from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.targets import query_targets
+from train.engine.evaluate import validation_loader
+from train.engine.runlog import RunPaths, write_json_atomic
+
+MIN_TRAIN_VIDEO_SECONDS = 5.0
+"""Moment-retrieval training skips videos shorter than this (reference ``min_video_len``)."""
+
+
+class _TrainableQueries:
+    """Loader query filter: membership in the ids of :func:`trainable_queries` (picklable for workers)."""
+
+    def __init__(self, keep: set) -> None:
+        self.keep = keep
+
+    def __call__(self, query: Query) -> bool:
+        return query.qid in self.keep
+
+
+def domain_filter(cfg: RunConfig) -> Callable[[Query], bool] | None:
+    """Keep only the queries of ``cfg.domain`` (YouTube Highlights / TVSum presets), else ``None``."""
+    if not cfg.domain:
+        return None
+    domain = cfg.domain.lower()
+    return lambda q: (q.domain or "").lower() == domain
+
+
+def trainable_queries(store: FeatureStore, cfg: RunConfig, split: str) -> set:
+    """Ids of the ``split`` queries that can be trained on (as the reference filters its train set)."""
+    spec = get_dataset(cfg.dataset)
+    in_domain = domain_filter(cfg)
+    videos = set(store.video_ids())
+    keep = set()
+    for q in store.annotations():
+        if q.split != split or q.vid not in videos or (in_domain is not None and not in_domain(q)):
+            continue
+        if spec.task == "mr" and q.duration < MIN_TRAIN_VIDEO_SECONDS:
+            continue
+        targets = query_targets(q, store.video_length(q.vid), store.video_fps(q.vid), spec)
+        if len(targets.positives):
+            keep.add(q.qid)
+    return keep
+
+
+def choose_val_split(store: FeatureStore, cfg: RunConfig) -> str | None:
+    """``cfg.train.val_split`` if set, else ``val`` when the store has such queries, else ``test``, else
+    ``None`` (queries outside ``cfg.domain`` do not count).
+
+    Raises:
+        ConfigError: ``cfg.train.val_split`` names a split the store has no queries of.
+    """
+    in_domain = domain_filter(cfg)
+    present = {q.split for q in store.annotations() if in_domain is None or in_domain(q)}
+    wanted = cfg.train.val_split
+    if wanted is None:
+        return next((s for s in ("val", "test") if s in present), None)
+    if wanted not in present:
+        raise ConfigError(
+            f"train.val_split is {wanted!r} but the store has no such queries"
+            + (f" of domain {cfg.domain!r}" if cfg.domain else "")
+            + f" (its splits: {', '.join(sorted(present)) or 'none'}); set train.val_split to one of them"
+        )
+    return wanted
+
+
+def train_loader(store_path: str | Path, cfg: RunConfig, split: str, keep: set, pin: bool) -> StreamingLoader:
+    """Shuffled streaming loader over the trainable queries of ``split``."""
+    config = LoaderConfig(
+        batch_size=cfg.train.batch_size,
+        videos_per_batch=cfg.train.pool_size,
+        splits=(split,),
+        shuffle=True,
+        seed=cfg.train.seed,
+        num_workers=cfg.train.num_workers,
+        max_bytes=int(cfg.train.loader_memory_gb * 2**30),
+    )
+    return StreamingLoader(store_path, config, query_filter=_TrainableQueries(keep), pin_memory=pin)
+
+
+@dataclass
+class RunData:
+    """The data side of a run: what it reads, from where, onto which device. The sweep's shared pass
+    makes one for the K models that share it.
+
+    Attributes:
+        store_path: the feature store.
+        manifest: its manifest.
+        identity: the manifest fields checkpoints record (:meth:`shards.manifest.Manifest.identity`).
+        spec: the dataset.
+        device: where batches go.
+        train_split: split trained on.
+        val_split: split validated on (``None``: no validation).
+        loader: shuffled loader over the trainable queries of ``train_split``.
+        val_loader: loader over ``val_split`` (``None`` without validation or without queries).
+    """
+
+    store_path: str | Path
+    manifest: Manifest
+    identity: dict[str, Any]
+    spec: DatasetSpec
+    device: torch.device
+    train_split: str
+    val_split: str | None
+    loader: StreamingLoader
+    val_loader: StreamingLoader | None
+
+    def write_run_info(self, paths: RunPaths, cfg: RunConfig, amp: bool) -> None:
+        """Write ``config.json`` (the resolved ``cfg``) and ``run.json`` (store, splits, seed, device,
+        AMP)."""
+        write_json_atomic(paths.config, cfg.to_dict())
+        write_json_atomic(paths.run, {
+            "store": str(Path(self.store_path).resolve()),
+            "manifest": self.manifest.to_attrs(),
+            "train_split": self.train_split,
+            "val_split": self.val_split,
+            "train_queries": self.loader.num_queries,
+            "seed": cfg.train.seed,
+            "device": str(self.device),
+            "amp": amp,
+        })
+
+
+def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[RunConfig, RunData]:
+    """Open the store for ``cfg`` and select the data of the run.
+
+    Returns:
+        ``cfg`` with the store's token dims (:func:`train.compat.config_for_store`), and the data.
+
+    Raises:
+        StoreError: missing store, or one that does not fit ``cfg``.
+        ConfigError: unknown device, no trainable queries in ``train.train_split``, or a
+            ``train.val_split`` the store does not have.
+    """
+    store = open_store(store_path)
+    cfg = config_for_store(cfg, store.manifest, store_path)
+    torch_device = resolve_device(device)
+    split = cfg.train.train_split
+    keep = trainable_queries(store, cfg, split)
+    if not keep:
+        raise ConfigError(
+            f"store {store_path} has no trainable queries in split {split!r}"
+            + (f" of domain {cfg.domain!r}" if cfg.domain else "")
+            + "; check train.train_split and the annotations"
+        )
+    val_split = choose_val_split(store, cfg)
+    val_loader = None
+    if val_split is not None:
+        val_loader = validation_loader(store_path, cfg, val_split, query_filter=domain_filter(cfg))
+        val_loader = val_loader if val_loader.num_queries else None
+    data = RunData(
+        store_path=store_path,
+        manifest=store.manifest,
+        identity=store.manifest.identity(),
+        spec=get_dataset(cfg.dataset),
+        device=torch_device,
+        train_split=split,
+        val_split=val_split,
+        loader=train_loader(store_path, cfg, split, keep, pin=torch_device.type == "cuda"),
+        val_loader=val_loader,
+    )
+    return cfg, data
+
+
+def pos_clip_generator(seed: int, pass_index: int) -> torch.Generator:
+    """Generator of the positive-clip draws of one pass over the data, a pure function of its arguments."""
+    state = np.random.SeedSequence([seed, pass_index, 7]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_inputs(
+    loader: StreamingLoader, cfg: RunConfig, spec: DatasetSpec, device: torch.device, epoch: int
+) -> Iterator[tuple[ModelInputs, int]]:
+    """Model inputs of every batch of 0-based ``epoch`` (``cfg.train.repeat`` passes of ``loader``) with the
+    number of queries in the batch. The order and the positive-clip draws depend on (seed, pass) only."""
+    for r in range(cfg.train.repeat):
+        pass_index = epoch * cfg.train.repeat + r
+        loader.set_epoch(pass_index)
+        generator = pos_clip_generator(cfg.train.seed, pass_index)
+        for batch in loader:
+            yield model_inputs(batch, spec, cfg.model.layers, device, generator), len(batch)
