@@ -1,11 +1,13 @@
 # Front door of the toolkit. Every target installs what it needs into a local venv on first use.
 #   make demo                  extract -> train -> eval -> predict on the embedded sample (CPU, offline)
-#   make test                  the test suite
+#   make test                  ruff, mypy and the test suite (what CI runs); GPU tests skip without CUDA
+#   make test-gpu              only the GPU tests (pytest -m cuda), on a machine with CUDA
 #   make extract DATASET=tacos extract CLIP tokens for data/tacos/ into cache/tacos/
 #   make train  [PRESET=...]   train on a store (default: the embedded sample store)
 #   make sweep  [GRID=...]     hyper-parameter sweep over a store
 #   make bench                 benchmarks (scripts/bench_*.py)
 #   make lint                  ruff
+#   make clean                 remove the sample store and runs (cache/sample.zarr, runs/{demo,sample,sample-sweep})
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -43,7 +45,7 @@ RUN ?= $(RUNS)/$(DATASET)
 SWEEP ?= $(RUNS)/$(DATASET)-sweep
 RESUME_FLAG = $(if $(RESUME),--resume,)
 
-.PHONY: install demo test extract train sweep bench lint clean
+.PHONY: install demo test test-gpu extract train sweep bench lint clean
 
 install: $(STAMP)
 
@@ -84,10 +86,15 @@ demo: $(STAMP)
 		--device cpu --plot $(DEMO_RUN)/predict.png
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/pytest -q -m cuda
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(CACHE)/sample $(RUNS)/demo
+	rm -rf $(CACHE)/sample.zarr $(DEMO_RUN) $(RUNS)/sample $(RUNS)/sample-sweep

@@ -1,1 +1,1 @@
-
+"""Official metrics of every dataset, post-processing + NMS, prediction files, plots (no model)."""

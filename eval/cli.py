@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import typer
 
 from eval.metrics import evaluate
-from eval.predictions import read_predictions
+from eval.postprocess import postprocess_for
+from eval.predictions import QueryPrediction, read_predictions
 from eval.table import format_table
 from shards.annotations import infer_split, load_annotations
 from shards.atomic import atomic_path
 from shards.cliutil import USER_ERROR_EXIT, user_errors
 from shards.datasets import DatasetSpec, dataset_names, get_dataset
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+from shards.schema import Query
 
 
 def _split(spec: DatasetSpec, path: Path) -> str:
@@ -24,7 +25,20 @@ def _split(spec: DatasetSpec, path: Path) -> str:
     return split if split in spec.splits else spec.splits[-1]
 
 
-@app.command()
+def _postprocessed(
+    spec: DatasetSpec, predictions: list[QueryPrediction], ground_truth: list[Query]
+) -> list[QueryPrediction]:
+    """``predictions`` with their windows post-processed for ``spec`` (:func:`postprocess_for`), each
+    clamped to its annotated duration; predictions of unannotated qids are left as they are."""
+    durations = {str(q.qid): q.duration for q in ground_truth}
+    return [
+        dataclasses.replace(p, windows=postprocess_for(spec, p.windows, durations[str(p.qid)]))
+        if p.windows is not None and str(p.qid) in durations
+        else p
+        for p in predictions
+    ]
+
+
 def eval_command(
     dataset: str = typer.Option(..., "--dataset", "-d", help=f"One of: {', '.join(dataset_names())}."),
     predictions: Path = typer.Option(
@@ -43,12 +57,21 @@ def eval_command(
     allow_missing: bool = typer.Option(
         False, "--allow-missing", help="Score only the queries present in both files instead of failing."
     ),
+    postprocess: bool = typer.Option(
+        False,
+        "--postprocess",
+        help="Post-process raw windows (e.g. Grounder.predict output) as validation does first: clamp to "
+        "the annotated duration, round to the dataset's clip unit, NMS.",
+    ),
 ) -> None:
-    """Score a prediction file with the dataset's official metrics (files are scored as given)."""
+    """Score a prediction file with the dataset's official metrics (as given, unless --postprocess)."""
     with user_errors():
         spec = get_dataset(dataset)
         ground_truth = load_annotations(spec.name, annotations, _split(spec, annotations))
-        metrics = evaluate(spec.name, read_predictions(predictions), ground_truth, allow_missing)
+        preds = read_predictions(predictions)
+        if postprocess:
+            preds = _postprocessed(spec, preds, ground_truth)
+        metrics = evaluate(spec.name, preds, ground_truth, allow_missing)
     if out is not None:
         try:
             with atomic_path(out) as tmp:

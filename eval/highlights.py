@@ -87,7 +87,7 @@ def tvsum_video_ap(saliency: np.ndarray, scores: np.ndarray, top: int = TVSUM_TO
     return np.array([ranked_average_precision(labels[order, a]) for a in range(scores.shape[1])])
 
 
-def _mean(values: Sequence[float]) -> float:
+def _mean(values: Sequence[float] | np.ndarray) -> float:
     """Sequential-sum mean, the reference's ``sum(values) / len(values)``."""
     return float(np.cumsum(values)[-1] / len(values))
 

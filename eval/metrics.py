@@ -1,4 +1,4 @@
-"""One entry point for every dataset's official metrics, and the metric that ranks checkpoints."""
+"""One entry point for every dataset's official metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from eval.grounding import eval_grounding
 from eval.highlights import tvsum_top5_map, youtube_map
-from eval.predictions import PredictionError, QueryPrediction
+from eval.predictions import QueryPrediction
 from eval.qvhighlights import eval_qvhighlights
 from shards.datasets import get_dataset
 from shards.schema import Query
@@ -50,23 +50,3 @@ def evaluate(
         return tvsum_top5_map(predictions, ground_truth, allow_missing, spec.domains)
     return eval_grounding(predictions, ground_truth, allow_missing)
 
-
-def key_metric(dataset: str, metrics: Mapping[str, Any]) -> tuple[str, float]:
-    """The dataset's checkpoint-ranking metric (higher is better) from :func:`evaluate`'s result.
-
-    ``MR-full-mAP`` for QVHighlights, ``MR-full-R1@0.5`` for Charades-STA / TACoS / Ego4D-NLQ,
-    ``mAP`` for YouTube Highlights / TVSum (from :attr:`shards.datasets.DatasetSpec.key_metric`).
-
-    Returns:
-        ``(name, value)``.
-
-    Raises:
-        PredictionError: the metric is not in the result (e.g. QVHighlights predictions without windows).
-    """
-    name = get_dataset(dataset).key_metric
-    brief = metrics.get("brief", {})
-    if name not in brief:
-        raise PredictionError(
-            f"the evaluation has no {name!r}; the predictions lack what it is computed from"
-        )
-    return name, float(brief[name])

@@ -68,7 +68,7 @@ def plot_prediction(
         )
     low = float(min(saliency.min(initial=0.0), 0.0))
     for i, (start, end) in enumerate(ground_truth):
-        ax.hlines(low, start, end, colors="black", lw=5, label="ground truth" if i == 0 else None)
+        ax.hlines(low, start, end, colors="black", lw=5, label="ground truth" if i == 0 else "_nolegend_")
     ax.set_xlim(0, max(duration, 1e-6))
     ax.set_xlabel("time (s)")
     ax.set_ylabel("saliency")

@@ -1,25 +1,29 @@
 """The reference post-processing of predicted windows before scoring (R²-Tuning ``Grounding.evaluate``).
 
-The trainer applies it to raw model outputs; ``r2 eval`` scores prediction files as they are.
-Steps, all in seconds and in the dtype of the input (float32 model outputs stay float32, like
-the reference's tensors):
+:func:`postprocess_for` is the one entry: validation, ``r2 predict`` and ``r2 eval --postprocess``
+apply it to raw model outputs (plain ``r2 eval`` scores prediction files as they are). Steps, all
+in seconds and in the dtype of the input (float32 model outputs stay float32, like the
+reference's tensors), with the settings of the dataset registry (:mod:`shards.datasets`):
 
 1. clamp start and end to ``[0, duration]``;
 2. round to multiples of the dataset's clip unit, only rows whose *unclamped* end was
    ``< duration`` (QVHighlights 2 s, Charades-STA 0.1 s; none for TACoS / Ego4D-NLQ);
 3. NMS, greedy in score order, rows are never dropped: ``normal`` zeroes the scores of later
-   rows with IoU ≥ ``thres``, ``linear`` scales them by ``1 - IoU``, ``gaussian`` by
-   ``exp(-IoU² / sigma)``; then the rows are sorted by score, descending.
+   rows with IoU ≥ the threshold, ``linear`` scales them by ``1 - IoU``, ``gaussian`` by
+   ``exp(-IoU² / sigma)``; then the rows are sorted by score, descending (highlight-only
+   datasets: no NMS).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from shards.datasets import get_dataset
+from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import ConfigError
 
 NMS_MODES = ("normal", "linear", "gaussian")
+DEFAULT_NMS_THRES = 0.7
+"""IoU threshold of ``normal`` NMS when the dataset registry gives none (the reference's default)."""
 
 
 def _as_windows(windows: np.ndarray) -> np.ndarray:
@@ -56,7 +60,9 @@ def _iou_with(window: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def nms(windows: np.ndarray, mode: str = "normal", thres: float = 0.7, sigma: float = 0.5) -> np.ndarray:
+def nms(
+    windows: np.ndarray, mode: str = "normal", thres: float = DEFAULT_NMS_THRES, sigma: float = 0.5
+) -> np.ndarray:
     """Greedy temporal NMS that rescores instead of dropping.
 
     Step ``i`` moves the highest-scored remaining row (first on ties) to position ``i`` and
@@ -92,40 +98,29 @@ def nms(windows: np.ndarray, mode: str = "normal", thres: float = 0.7, sigma: fl
     return out[np.argsort(-out[:, 2], kind="stable")]
 
 
-def postprocess(
-    windows: np.ndarray,
-    duration: float,
-    unit: float | None = None,
-    nms_mode: str | None = "normal",
-    thres: float = 0.7,
-    sigma: float = 0.5,
-) -> np.ndarray:
-    """:func:`clamp_and_round` then (unless ``nms_mode`` is ``None``) :func:`nms`.
+def postprocess_for(dataset: str | DatasetSpec, windows: np.ndarray, duration: float) -> np.ndarray:
+    """The dataset's reference post-processing of raw windows: :func:`clamp_and_round` then :func:`nms`.
+
+    The one post-processing entry, used by validation, ``r2 predict`` and ``r2 eval --postprocess``.
+    Clip unit, NMS mode and threshold come from the :mod:`shards.datasets` registry: QVHighlights
+    unit 2 s, ``normal`` NMS at 0.7; Charades-STA 0.1 s, ``linear``; TACoS / Ego4D-NLQ no rounding,
+    ``linear``; highlight-only datasets no NMS. A mode without a registry threshold uses
+    :data:`DEFAULT_NMS_THRES` (a threshold of 0 stays 0).
 
     Args:
+        dataset: registry name (aliases work) or a :class:`~shards.datasets.DatasetSpec`.
         windows: ``(N, 3)`` raw ``[start_s, end_s, score]`` model output.
         duration: video length in seconds (from the annotation).
-        unit: rounding unit in seconds, ``None`` = no rounding.
-        nms_mode: ``normal`` | ``linear`` | ``gaussian`` | ``None``.
-        thres: IoU threshold of ``normal`` NMS.
-        sigma: width of ``gaussian`` NMS.
 
     Returns:
         ``(N, 3)``: every input row, sorted by (rescored) score when NMS ran.
-    """
-    out = clamp_and_round(windows, duration, unit)
-    return out if nms_mode is None else nms(out, nms_mode, thres, sigma)
-
-
-def postprocess_for(dataset: str, windows: np.ndarray, duration: float) -> np.ndarray:
-    """:func:`postprocess` with the dataset's reference settings (unit and NMS from :mod:`shards.datasets`).
-
-    QVHighlights: unit 2 s, ``normal`` NMS at 0.7; Charades-STA: 0.1 s, ``linear``;
-    TACoS / Ego4D-NLQ: no rounding, ``linear``.
 
     Raises:
         UnknownDatasetError: unknown dataset name.
     """
-    spec = get_dataset(dataset)
-    thres = spec.nms_thres if spec.nms_thres is not None else 0.7
-    return postprocess(windows, duration, spec.clip_unit, spec.nms_mode, thres)
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
+    out = clamp_and_round(windows, duration, spec.clip_unit)
+    if spec.nms_mode is None:
+        return out
+    thres = DEFAULT_NMS_THRES if spec.nms_thres is None else spec.nms_thres
+    return nms(out, spec.nms_mode, thres)

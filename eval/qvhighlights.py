@@ -123,7 +123,7 @@ def eval_highlight(pairs: Sequence[tuple[QueryPrediction, Query]]) -> dict[str, 
 
 
 def _has_ratings(query: Query) -> bool:
-    return bool(query.saliency) and "clip_ids" in query.saliency
+    return query.saliency is not None and "clip_ids" in query.saliency
 
 
 def eval_qvhighlights(

@@ -1,7 +1,9 @@
 """Frozen open_clip backbone that returns the last-k block outputs of both CLIP towers.
 
-Architectures are the four the reference supports, built with QuickGELU (the activation
-OpenAI's weights were trained with, open_clip's ``-quickgelu`` configs). Weights come from
+Architectures are those of the backbone registry (:mod:`shards.backbones`): any open_clip ViT
+config, by its name or an OpenAI spelling (``ViT-B/32``, ``ViT-L/14@336px``); the reference's four
+are built with QuickGELU (the activation OpenAI's weights were trained with, open_clip's
+``-quickgelu`` configs). Weights come from
 
 * ``openai``: OpenAI's checkpoint, from the Hugging Face / open_clip cache or downloaded once;
 * a local file: ``.pt`` / ``.bin`` (a state dict, or OpenAI's TorchScript archive) or ``.safetensors``;
@@ -18,24 +20,20 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
 
+from shards.backbones import get_backbone
+from shards.device import resolve_device
 from shards.errors import R2Error
 from shards.manifest import Manifest, make_manifest
 
 log = logging.getLogger(__name__)
-
-ARCHS: dict[str, str] = {
-    "ViT-B-32": "ViT-B-32-quickgelu",
-    "ViT-B-16": "ViT-B-16-quickgelu",
-    "ViT-L-14": "ViT-L-14-quickgelu",
-    "ViT-L-14-336": "ViT-L-14-336-quickgelu",
-}
-"""Accepted architecture names -> open_clip model config with QuickGELU."""
 
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -43,20 +41,6 @@ _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 class WeightsError(R2Error):
     """CLIP weights that cannot be found, downloaded or loaded into the chosen architecture."""
-
-
-def model_name(arch: str) -> str:
-    """open_clip config name for ``arch`` (``ViT-B-32``, ``ViT-B/32``, ``ViT-L/14@336px``, ... all work).
-
-    Raises:
-        WeightsError: an architecture the reference does not use; the message lists the valid ones.
-    """
-    key = arch.strip().replace("/", "-").replace("@336px", "-336").replace("-336px", "-336")
-    key = key.removesuffix("-quickgelu")
-    for short in ARCHS:
-        if short.lower() == key.lower():
-            return ARCHS[short]
-    raise WeightsError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -75,7 +59,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            checkpoint = load_file(str(path), device="cpu")
+            checkpoint: Any = load_file(str(path), device="cpu")
         else:
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,6 +119,11 @@ def _offline() -> bool:
 
 def _openai_weights(name: str, cache_dir: str | None) -> Path:
     """Local path of OpenAI's weights for ``name``; downloads them once when online."""
+    if not open_clip.get_pretrained_cfg(name, "openai"):
+        raise WeightsError(
+            f"OpenAI released no weights for {name}: pass --pretrained PATH with a weights file for it, "
+            "or --pretrained random for a pipeline test"
+        )
     found = _cached_openai(name, cache_dir)
     if found is not None:
         return found
@@ -174,19 +163,6 @@ def warn_random_weights(tag: str) -> None:
         "pass --pretrained openai or a weights file for real features",
         tag,
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise WeightsError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightsError(f"device {device!r} requested but no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -240,8 +216,8 @@ class ClipBackbone(BackboneInfo):
         device: where the model runs; fp16 autocast is used on CUDA only.
     """
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: open_clip.model.CLIP
+    tokenizer: Callable[[list[str]], torch.Tensor]
     device: torch.device
 
     def info(self) -> BackboneInfo:
@@ -315,7 +291,8 @@ def load_backbone(
     """Build the frozen backbone (eval mode, no gradients) on ``device``.
 
     Args:
-        arch: ``ViT-B-32`` | ``ViT-B-16`` | ``ViT-L-14`` | ``ViT-L-14-336`` (``/`` spellings work).
+        arch: a backbone of :mod:`shards.backbones`: an open_clip ViT config name or an OpenAI
+            spelling (``ViT-B/32``, ``ViT-B/16``, ``ViT-L/14``, ``ViT-L/14@336px``).
         pretrained: ``openai``, a weights file path, ``random`` or ``random:<seed>``.
         layers: k, how many last blocks to keep (1..number of blocks).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
@@ -323,13 +300,14 @@ def load_backbone(
         cache_dir: where to look for / download OpenAI weights (default: Hugging Face cache).
 
     Raises:
-        WeightsError: unknown architecture, missing / unreadable / mismatching weights, no
-            network for a first download; the message says how to provide weights.
+        ConfigError: unknown or unsupported architecture, unknown or unavailable device.
+        WeightsError: missing / unreadable / mismatching weights, no network for a first
+            download; the message says how to provide weights.
     """
-    name = model_name(arch)
+    spec = get_backbone(arch)
+    name = spec.model_name
     dev = resolve_device(device)
-    config = open_clip.get_model_config(name)
-    blocks = min(config["vision_cfg"]["layers"], config["text_cfg"]["layers"])
+    blocks = min(spec.vision_layers, spec.text_layers)
     if not 1 <= layers <= blocks:
         raise WeightsError(f"--layers {layers} is out of range for {name}: choose 1..{blocks}")
     random_seed = _parse_random(pretrained, seed)
@@ -348,16 +326,13 @@ def load_backbone(
     state = None if weights is None else _read_state_dict(weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed if random_seed is None else random_seed)
-        model = open_clip.model.CLIP(**config)
-    if state is None:
+        model = open_clip.model.CLIP(**open_clip.get_model_config(name))
+    if state is None or weights is None:
         warn_random_weights(tag)
     else:
         _load_state(model, state, weights, name)
     digest = weights_sha256(model)
     model.requires_grad_(False).eval().to(dev)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, tuple) else int(size)
-    grid = model.visual.grid_size
     return ClipBackbone(
         model=model,
         tokenizer=open_clip.get_tokenizer(name),
@@ -365,9 +340,9 @@ def load_backbone(
         pretrained=tag,
         weights_sha256=digest,
         layers=layers,
-        frame_size=size,
-        video_tokens=grid[0] * grid[1] + 1,
-        video_width=model.visual.transformer.width,
-        text_width=model.transformer.width,
+        frame_size=spec.frame_size,
+        video_tokens=spec.video_tokens,
+        video_width=spec.video_width,
+        text_width=spec.text_width,
         device=dev,
     )

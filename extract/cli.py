@@ -20,9 +20,6 @@ if TYPE_CHECKING:
 
 SAMPLE_STORE = Path("cache/sample.zarr")
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
 def _parse_fps(value: str | None) -> float | None:
     if value is None or value.strip().lower() == "auto":
         return None
@@ -46,7 +43,6 @@ def _report(summary: ExtractSummary) -> None:
         typer.echo(f"all {len(summary.failures)} failure(s) are listed in {summary.failures_file}")
 
 
-@app.command()
 def extract(
     dataset: str = typer.Option(
         None, "--dataset", help="charades | qvhighlights | tacos | ego4d | youtube | tvsum"
@@ -58,7 +54,9 @@ def extract(
         None, "--annotations", help="annotation file; repeat for more splits"
     ),
     out: Path = typer.Option(None, "--out", help="store directory (resumed when it exists)"),
-    arch: str = typer.Option("ViT-B-32", help="ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336"),
+    arch: str = typer.Option(
+        "ViT-B-32", help="any open_clip ViT name (ViT-B-32, ViT-H-14, ...) or ViT-B/32, ViT-L/14@336px, ..."
+    ),
     pretrained: str = typer.Option(
         None, help="openai (default), a .pt/.bin/.safetensors file, or random[:SEED] (default with --sample)"
     ),

@@ -27,7 +27,8 @@ class ExtractConfig:
         videos: folder holding ``<vid><suffix>.<ext>`` files.
         annotations: annotation files (any splits; one store holds them all).
         out: store directory (created, or resumed when its manifest matches).
-        arch: ``ViT-B-32`` | ``ViT-B-16`` | ``ViT-L-14`` | ``ViT-L-14-336``.
+        arch: any open_clip ViT config name (``ViT-B-32``, ``ViT-H-14``, ...) or an OpenAI spelling
+            (``ViT-B/32``, ``ViT-B/16``, ``ViT-L/14``, ``ViT-L/14@336px``); see :mod:`shards.backbones`.
         pretrained: ``openai``, a weights file, ``random`` or ``random:<seed>``.
         fps: frames per second; ``None`` = the dataset's rate (per video from the annotations
             when the dataset has none, e.g. YouTube Highlights).

@@ -124,19 +124,6 @@ class _FilterChain:
             yield out.to_ndarray()
 
 
-def resize_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """Resize an RGB image so its short side is ``size`` (swscale bicubic) and centre-crop it.
-
-    The same ``scale`` + ``crop`` filters as the video path, applied to one ``(H, W, 3)`` uint8
-    image; returns ``(size, size, 3)`` uint8.
-    """
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-    frame.pts = 0
-    chain = _FilterChain(frame, Fraction(1, 1), size, fps=None, rotation=0)
-    out = list(chain.push(frame)) + list(chain.push(None))
-    return out[0]
-
-
 def preprocess(frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
     """CLIP-normalise frames: ``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 on ``device``.
 
@@ -165,7 +152,7 @@ def _open(path: Path) -> tuple[av.container.InputContainer, av.video.stream.Vide
     except (av.FFmpegError, OSError) as err:
         raise VideoError(f"{path}: not a readable video ({_reason(err)})") from err
     if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        kinds = sorted({str(s.type) for s in container.streams}) or ["none"]
         container.close()
         raise VideoError(f"{path}: no video stream (streams: {', '.join(kinds)})")
     return container, container.streams.video[0]
@@ -266,7 +253,7 @@ def sample_frames(path: str | Path, fps: float, size: int = 224) -> Iterator[np.
                     chain = _FilterChain(frame, time_base, size, fps, _right_angle(frame.rotation))
                 decoded += 1
                 yield from chain.push(frame)
-            if chain is None:
+            if chain is None or last_pts is None:
                 raise VideoError(f"{path}: the video stream has no frames")
             _check_complete(path, stream, offset, last_pts, last_duration)
             yield from chain.push(None)

@@ -29,6 +29,7 @@ from extract.config import ExtractConfig
 from extract.pipeline import VideoResult, VideoTask, extract_videos
 from shards.annotations import load_many
 from shards.atomic import atomic_path
+from shards.backbones import get_backbone
 from shards.datasets import DatasetSpec, get_dataset, video_filename_stem
 from shards.errors import ConfigError, VideoError
 from shards.schema import Query
@@ -84,7 +85,7 @@ class LocalRunner:
             yield index, [t.to(torch.float16).cpu().numpy() for t in self.backbone.encode_texts(texts)]
 
     def close(self) -> None:
-        self.backbone = None
+        del self.backbone
 
 
 @dataclass
@@ -170,6 +171,7 @@ def plan_videos(
 
 
 def _check_config(cfg: ExtractConfig) -> None:
+    get_backbone(cfg.arch)  # an unknown backbone fails before a worker starts or a video is read
     if not cfg.videos.is_dir():
         raise VideoError(f"videos folder {cfg.videos} does not exist (pass --videos DIR)")
     for name in ("batch_size", "query_batch_size", "workers", "layers"):
@@ -242,8 +244,8 @@ def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> 
     from ``cfg.arch`` / ``cfg.pretrained`` / ``cfg.layers`` / ``cfg.device`` (no fan-out then).
 
     Raises:
-        R2Error subclasses for user errors: unknown dataset, bad annotation file, missing videos
-        folder, unusable weights, a store made with other settings. Per-video problems do not
+        R2Error subclasses for user errors: unknown dataset or backbone, bad annotation file, missing
+        videos folder, unusable weights, a store made with other settings. Per-video problems do not
         raise; they are listed in the summary and in ``<store>/failures.jsonl``.
     """
     started = time.monotonic()

@@ -64,6 +64,14 @@ class _Piece:
 
 
 @dataclass
+class _Queued:
+    """Frames ``(n, S, S, 3)`` uint8 of task ``index`` not yet run through the image tower."""
+
+    index: int
+    frames: np.ndarray
+
+
+@dataclass
 class _Progress:
     """Per-video state of the packer: encoded token blocks, chunks still queued, end seen."""
 
@@ -167,7 +175,7 @@ class _Packer:
         self.backbone, self.tasks, self.batch_size = backbone, tasks, batch_size
         self.writer, self.report = writer, report
         self.state = {i: _Progress() for i in range(len(tasks))}
-        self.pending: deque[_Piece] = deque()
+        self.pending: deque[_Queued] = deque()
         self.pending_frames = 0
         self.remaining = len(tasks)  # videos not finished yet
         self.open = len(tasks)  # videos whose last chunk has not arrived yet
@@ -187,7 +195,7 @@ class _Packer:
             self.report(VideoResult(self.tasks[piece.index].vid, 0, piece.error))
             return
         if piece.frames is not None:
-            self.pending.append(piece)
+            self.pending.append(_Queued(piece.index, piece.frames))
             self.pending_frames += len(piece.frames)
             progress.queued += 1
         progress.ended = piece.last
@@ -211,8 +219,8 @@ class _Packer:
                 count += room
         self.pending_frames -= count
         frames = np.concatenate([f for _, f, _ in taken])
-        tokens = self.backbone.encode_frames(preprocess(frames, self.backbone.device))
-        tokens = tokens.to(torch.float16).cpu().numpy()
+        encoded = self.backbone.encode_frames(preprocess(frames, self.backbone.device))
+        tokens = encoded.to(torch.float16).cpu().numpy()
         start = 0
         for index, part, whole in taken:
             progress = self.state[index]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.postprocess import postprocess
+from eval.postprocess import postprocess_for
 from extract.backbone import ClipBackbone, load_backbone
 from extract.frames import preprocess, sample_frames
 from shards.errors import CheckpointError
@@ -165,11 +165,11 @@ class Predictor:
         return self.backbone.encode_texts([text])[0].to("cpu", torch.float16).numpy()
 
     def predict(self, video: EncodedVideo, text: str) -> VideoPrediction:
-        """Moments and saliency of ``text`` in ``video``, post-processed like the evaluation."""
+        """Moments and saliency of ``text`` in ``video``, post-processed like the evaluation of the
+        checkpoint's dataset (:func:`eval.postprocess.postprocess_for`)."""
         query = self.encode_query(text)
         windows, saliency = self._predict_windows(video.tokens, query, video.fps)
-        ev = self.grounder.cfg.eval
-        moments = postprocess(windows, video.duration, ev.clip_unit, ev.nms_mode, ev.nms_thres or 0.7)
+        moments = postprocess_for(self.grounder.cfg.dataset, windows, video.duration)
         return VideoPrediction(text, moments, saliency, video.fps)
 
     def _predict_windows(

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import typer
 
+from eval.predictions import QueryPrediction
 from shards.cliutil import user_errors
+from shards.errors import ConfigError
 
-app = typer.Typer(
-    help="Find the moments of a raw video that match a sentence (CLIP runs on the fly).",
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+if TYPE_CHECKING:
+    from r2.predict import VideoPrediction
+
+def _submission_record(qid: int | str, vid: str, result: VideoPrediction) -> dict[str, Any]:
+    """One line of the submission format ``r2 eval`` reads (:mod:`eval.predictions`) plus the
+    ``query`` text; seconds and scores to 4 decimals."""
+    windows = np.round(result.moments.astype(np.float64), 4)
+    saliency = np.round(result.saliency.astype(np.float64), 4)
+    return {**QueryPrediction(qid, vid, windows, saliency).to_dict(), "query": result.query}
 
 
-@app.command()
 def predict(
     video: Path = typer.Argument(..., help="Video file (any length, any format FFmpeg reads)."),
     sentences: list[str] = typer.Argument(..., help="One or more sentences to ground."),
@@ -32,29 +39,29 @@ def predict(
     fps: float | None = typer.Option(
         None, help="Sampling rate; only for checkpoints trained at per-video rates."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON lines."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one line per sentence in the submission format r2 eval reads (qid, vid = the video "
+        "file's stem, query, pred_relevant_windows, pred_saliency_scores).",
+    ),
+    qids: list[str] | None = typer.Option(
+        None, "--qid", help="Query id of each sentence in --json output, in order (default: 0, 1, ...)."
+    ),
 ) -> None:
     """Print the top moments of each sentence in VIDEO, and optionally plot them."""
     from r2.predict import Predictor
 
     with user_errors():
+        if qids and len(qids) != len(sentences):
+            raise ConfigError(f"{len(qids)} --qid values for {len(sentences)} sentences: give one each")
         predictor = Predictor.from_checkpoint(checkpoint, device=device, weights=weights, fps=fps)
         encoded = predictor.encode_video(video)
         for i, sentence in enumerate(sentences):
             result = predictor.predict(encoded, sentence)
             if as_json:
-                typer.echo(
-                    json.dumps(
-                        {
-                            "video": str(video),
-                            "query": sentence,
-                            "pred_relevant_windows": [
-                                [round(float(v), 4) for v in row] for row in result.moments
-                            ],
-                            "pred_saliency_scores": [round(float(v), 4) for v in result.saliency],
-                        }
-                    )
-                )
+                qid = (int(qids[i]) if qids[i].isdigit() else qids[i]) if qids else i
+                typer.echo(json.dumps(_submission_record(qid, video.stem, result)))
             else:
                 typer.echo(f"“{sentence}”  ({encoded.duration:.1f} s, {len(encoded.tokens)} clips)")
                 for rank, (start, end, score) in enumerate(result.moments[:top], 1):

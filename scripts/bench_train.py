@@ -185,7 +185,7 @@ def bench_training(spec: SyntheticSpec, root: Path, preset: str, batch: int, poo
                                               "train.num_workers=0"])
     state = build_state(cfg, "cpu")
     loader = StreamingLoader(root / f"{spec.dataset}.zarr",
-                             LoaderConfig(batch_size=batch, videos_per_batch=pool, clamp_moments=False))
+                             LoaderConfig(batch_size=batch, videos_per_batch=pool))
     dataset = get_dataset(cfg.dataset)
     generator = torch.Generator().manual_seed(0)
     timed = n = 0

@@ -115,26 +115,6 @@ def load_many(dataset: str, paths: Iterable[str | Path], split: str | None = Non
     return [q for _, _, q in entries]
 
 
-def find_annotation_file(dataset: str, root: str | Path, split: str) -> Path:
-    """The annotation file of ``split`` in folder ``root`` (e.g. ``data/tacos``).
-
-    Tries :meth:`DatasetSpec.annotation_names` in order and returns the first that exists.
-
-    Raises:
-        AnnotationError: ``split`` is not a split of the dataset, or none of the names exists.
-    """
-    spec = get_dataset(dataset)
-    folder = Path(root)
-    _check_split(spec, folder, split)
-    names = spec.annotation_names(split)
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise AnnotationError(
-        f"{folder}: no {spec.title} {split} annotation file found; expected one of: {', '.join(names)}"
-    )
-
-
 def _load_entries(spec: DatasetSpec, path: Path, split: str | None) -> list[_Entry]:
     split = _resolve_split(spec, path, split)
     parse = _PARSERS.get(spec.name, _parse_moments)

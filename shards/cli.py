@@ -33,7 +33,15 @@ AnnotationFiles = Annotated[
     list[Path] | None,
     typer.Option("--annotations", "-a", help="Annotation file of the dataset to store (repeatable)."),
 ]
-Backbone = Annotated[str, typer.Option(help="open_clip model name the features came from.")]
+Backbone = Annotated[
+    str,
+    typer.Option(
+        "--backbone",
+        "--arch",
+        help="Backbone the features came from: any open_clip ViT name (ViT-B-32, ViT-H-14, ...) or an "
+        "OpenAI spelling (ViT-B/32, ViT-L/14@336px).",
+    ),
+]
 Pretrained = Annotated[
     str, typer.Option(help="Weights tag of the backbone ('openai' for the reference caches).")
 ]
@@ -42,7 +50,7 @@ WeightsSha = Annotated[
 ]
 Fps = Annotated[float | None, typer.Option(help="Clips per second of the cache (default: the dataset's).")]
 FrameSize = Annotated[
-    int | None, typer.Option(help="Input resolution; only for a backbone the toolkit does not know.")
+    int | None, typer.Option(help="Input resolution in px; only for a backbone the registry does not know.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 

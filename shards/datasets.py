@@ -29,8 +29,6 @@ class DatasetSpec:
         task: ``mr`` (moment retrieval; QVHighlights also has highlight labels) or ``hd``
             (highlight detection only: YouTube Highlights, TVSum).
         aliases: other accepted names (lower case).
-        annotation_files: per split, the accepted annotation file names in order of preference,
-            as ``((split, (name, ...)), ...)``; see :meth:`annotation_names`.
         nms_mode: NMS of predicted windows at evaluation: ``normal`` (drop overlaps above
             :attr:`nms_thres`), ``linear`` (scale scores by ``1 - IoU``), ``None`` for ``hd``.
         nms_thres: IoU threshold of ``normal`` NMS, else ``None``.
@@ -46,7 +44,6 @@ class DatasetSpec:
     domains: tuple[str, ...]
     task: str
     aliases: tuple[str, ...]
-    annotation_files: tuple[tuple[str, tuple[str, ...]], ...]
     nms_mode: str | None
     nms_thres: float | None
     key_metric: str
@@ -55,10 +52,6 @@ class DatasetSpec:
     def clip_seconds(self) -> float | None:
         """Length of one feature clip in seconds (``1 / fps``); ``None`` when fps is per video."""
         return None if self.fps is None else 1.0 / self.fps
-
-    def annotation_names(self, split: str) -> tuple[str, ...]:
-        """Accepted annotation file names of ``split``, most preferred first (``()`` if none)."""
-        return dict(self.annotation_files).get(split, ())
 
 
 _SPECS: tuple[DatasetSpec, ...] = (
@@ -72,14 +65,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         domains=(),
         task="mr",
         aliases=("qvh", "qvhighlight"),
-        annotation_files=(
-            ("train", ("qvhighlights_train.jsonl", "highlight_train_release.jsonl")),
-            ("val", ("qvhighlights_val.jsonl", "highlight_val_release.jsonl")),
-            (
-                "test",
-                ("qvhighlights_test.jsonl", "highlight_test_with_gt.jsonl", "highlight_test_release.jsonl"),
-            ),
-        ),
         nms_mode="normal",
         nms_thres=0.7,
         key_metric="MR-full-mAP",
@@ -94,10 +79,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         domains=(),
         task="mr",
         aliases=("charades-sta", "charades_sta", "charadessta"),
-        annotation_files=(
-            ("train", ("charades_train.jsonl", "charades_train_release.jsonl")),
-            ("test", ("charades_test.jsonl", "charades_test_release.jsonl")),
-        ),
         nms_mode="linear",
         nms_thres=None,
         key_metric="MR-full-R1@0.5",
@@ -112,11 +93,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         domains=(),
         task="mr",
         aliases=(),
-        annotation_files=(
-            ("train", ("train.jsonl", "tacos_train.jsonl", "tacos_train_release.jsonl")),
-            ("val", ("val.jsonl", "tacos_val.jsonl", "tacos_val_release.jsonl")),
-            ("test", ("test.jsonl", "tacos_test.jsonl", "tacos_test_release.jsonl")),
-        ),
         nms_mode="linear",
         nms_thres=None,
         key_metric="MR-full-R1@0.5",
@@ -131,10 +107,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         domains=(),
         task="mr",
         aliases=("ego4d-nlq", "ego4d_nlq", "nlq"),
-        annotation_files=(
-            ("train", ("nlq_train.jsonl", "ego4d_train.jsonl")),
-            ("val", ("nlq_val.jsonl", "ego4d_val.jsonl")),
-        ),
         nms_mode="linear",
         nms_thres=None,
         key_metric="MR-full-R1@0.5",
@@ -149,10 +121,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         domains=("dog", "gymnastics", "parkour", "skating", "skiing", "surfing"),
         task="hd",
         aliases=("youtube-highlights", "youtube_highlights", "youtube_highlight", "youtube-highlight", "yt"),
-        annotation_files=(
-            ("train", ("youtube_train.jsonl", "youtube_highlight_train_release.jsonl")),
-            ("val", ("youtube_val.jsonl", "youtube_highlight_val_release.jsonl")),
-        ),
         nms_mode=None,
         nms_thres=None,
         key_metric="mAP",
@@ -167,10 +135,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         domains=("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU"),
         task="hd",
         aliases=(),
-        annotation_files=(
-            ("train", ("tvsum_train.jsonl", "tvsum_train_release.jsonl")),
-            ("val", ("tvsum_val.jsonl", "tvsum_val_release.jsonl")),
-        ),
         nms_mode=None,
         nms_thres=None,
         key_metric="mAP",

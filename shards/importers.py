@@ -25,37 +25,14 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.annotations import load_annotations
+from shards.backbones import Backbone, find_backbone, normalize_backbone
 from shards.datasets import DatasetSpec, get_dataset
-from shards.errors import StoreError
+from shards.errors import ConfigError, StoreError
 from shards.schema import Query
 from shards.store import FeatureStore, check_id, create_store, make_manifest
 
 QUERY_BATCH = 1024
 """Queries written per store part (each part is one atomic write, so a killed import loses little)."""
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Token geometry of an open_clip backbone: frame size (px), P, C and Cq."""
-
-    frame_size: int
-    video_tokens: int
-    video_width: int
-    text_width: int
-
-
-BACKBONES: dict[str, Geometry] = {
-    "ViT-B-32": Geometry(224, 50, 768, 512),
-    "ViT-B-16": Geometry(224, 197, 768, 512),
-    "ViT-L-14": Geometry(224, 257, 1024, 768),
-    "ViT-L-14-336": Geometry(336, 577, 1024, 768),
-}
-"""Known backbones (``-quickgelu`` variants share the geometry)."""
-
-
-def backbone_geometry(name: str) -> Geometry | None:
-    """Geometry of backbone ``name`` (``-quickgelu`` suffix ignored), ``None`` when unknown."""
-    return BACKBONES.get(name.removesuffix("-quickgelu"))
 
 
 @dataclass
@@ -113,11 +90,10 @@ class _Item:
         return array
 
 
-def _check_videos(items: Sequence[_Item], backbone: str) -> tuple[int, int, int]:
-    """Validate the video sources; return their common ``(k, P, C)``."""
+def _check_videos(items: Sequence[_Item], backbone: str, geometry: Backbone | None) -> tuple[int, int, int]:
+    """Validate the video sources (against ``geometry`` when known); return their common ``(k, P, C)``."""
     if not items:
         raise StoreError("no video features found; check the video folder / HDF5 group")
-    geometry = backbone_geometry(backbone)
     first = items[0]
     for item in items:
         if len(item.shape) == 2:
@@ -141,8 +117,11 @@ def _check_videos(items: Sequence[_Item], backbone: str) -> tuple[int, int, int]
     return k, p, c
 
 
-def _check_queries(items: Sequence[_Item], layers: int, backbone: str) -> int | None:
-    """Validate the query sources; return their common Cq (``None`` when there are none)."""
+def _check_queries(
+    items: Sequence[_Item], layers: int, backbone: str, geometry: Backbone | None
+) -> int | None:
+    """Validate the query sources (against ``geometry`` when known); return their common Cq
+    (``None`` when there are none)."""
     if not items:
         return None
     first = items[0]
@@ -160,7 +139,6 @@ def _check_queries(items: Sequence[_Item], layers: int, backbone: str) -> int | 
             raise StoreError(
                 f"{item.where}: width {item.shape[2]} differs from {first.where} ({first.shape[2]})"
             )
-    geometry = backbone_geometry(backbone)
     if geometry and first.shape[2] != geometry.text_width:
         raise StoreError(
             f"{first.where}: shape {first.shape} has Cq={first.shape[2]} but backbone {backbone} gives "
@@ -208,27 +186,36 @@ def _run_import(
     progress: bool,
 ) -> ImportSummary:
     start = time.perf_counter()
-    k, p, c = _check_videos(videos, backbone)
-    cq = _check_queries(query_items, k, backbone)
-    geometry = backbone_geometry(backbone)
-    if cq is None and geometry is None:
+    geometry = find_backbone(backbone)
+    if geometry is not None and frame_size not in (None, geometry.frame_size):
+        raise ConfigError(
+            f"backbone {geometry.name} takes {geometry.frame_size} px frames, not --frame-size {frame_size}; "
+            "--frame-size is only for a backbone the registry does not know"
+        )
+    k, p, c = _check_videos(videos, backbone, geometry)
+    cq = _check_queries(query_items, k, backbone, geometry)
+    if geometry is not None:
+        frame, text_width = geometry.frame_size, geometry.text_width
+    elif cq is None:
         raise StoreError(
             f"unknown backbone {backbone!r} and no query tokens to read Cq from; import query tokens too"
         )
-    if frame_size is None and geometry is None:
+    elif frame_size is None:
         raise StoreError(f"unknown backbone {backbone!r}: pass --frame-size")
+    else:
+        frame, text_width = frame_size, cq
     rates = _video_fps(spec, fps, queries, [str(v.key) for v in videos])
     manifest = make_manifest(
         dataset=spec.name,
-        backbone=backbone,
+        backbone=normalize_backbone(backbone),
         pretrained=pretrained,
         weights_sha256=weights_sha256,
         layers=k,
-        frame_size=frame_size or geometry.frame_size,
+        frame_size=frame,
         fps=fps if fps is not None else spec.fps,
         video_tokens=p,
         video_width=c,
-        text_width=cq if cq is not None else geometry.text_width,
+        text_width=text_width,
     )
     store = create_store(out, manifest)
     summary = ImportSummary(store=str(store.path), videos_found=len(videos), queries_found=len(query_items))
@@ -320,10 +307,12 @@ def import_npy(
         out: store path (created, or resumed when it exists with the same manifest).
         query_dir: folder of ``<qid>.npy`` files ``(L, k, Cq)``.
         annotations: annotation files of ``dataset`` to store alongside.
-        backbone, pretrained, weights_sha256: provenance written to the manifest.
+        backbone, pretrained, weights_sha256: provenance written to the manifest; ``backbone`` is
+            any spelling of :mod:`shards.backbones` (``ViT-B/32``), recorded by its canonical name.
         fps: clips per second of the cache (default: the dataset's; per video from the
             annotations for YouTube Highlights).
-        frame_size: input resolution; only needed for a backbone not in :data:`BACKBONES`.
+        frame_size: input resolution; only for a backbone the registry (:mod:`shards.backbones`)
+            does not know (the registry gives the others').
         progress: show tqdm bars.
     """
     spec = get_dataset(dataset)

@@ -10,7 +10,7 @@ import dataclasses
 import importlib.metadata
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ IDENTITY_FIELDS = (
     "dataset",
 )
 """Manifest fields that decide whether two stores hold the same tokens (not the creation time or
-the package version)."""
+the package version). A checkpoint records them (:meth:`Manifest.identity`) and requires them of the
+store it is resumed on (``train.compat.open_store_for``)."""
 
 
 @dataclass
@@ -146,7 +147,7 @@ def make_manifest(
         text_width=int(text_width),
         dataset=dataset,
         package_version=package_version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 

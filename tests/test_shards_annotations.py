@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shards.annotations import find_annotation_file, infer_split, load_annotations, load_many
+from shards.annotations import infer_split, load_annotations, load_many
 from shards.errors import AnnotationError, UnknownDatasetError
 
 DATA = Path(__file__).parent / "data" / "annotations"
@@ -196,17 +196,6 @@ def test_load_many_rejects_a_qid_in_two_files(tmp_path: Path) -> None:
 def test_load_many_needs_files() -> None:
     with pytest.raises(AnnotationError, match="no QVHighlights annotation files given"):
         load_many("qvh", [])
-
-
-def test_find_annotation_file(tmp_path: Path) -> None:
-    (tmp_path / "tacos_val_release.jsonl").write_text("{}\n")
-    assert find_annotation_file("tacos", tmp_path, "val") == tmp_path / "tacos_val_release.jsonl"
-    (tmp_path / "val.jsonl").write_text("{}\n")
-    assert find_annotation_file("tacos", tmp_path, "val") == tmp_path / "val.jsonl"
-    with pytest.raises(AnnotationError, match="expected one of: train.jsonl, tacos_train.jsonl"):
-        find_annotation_file("tacos", tmp_path, "train")
-    with pytest.raises(AnnotationError, match="has no split 'val'"):
-        find_annotation_file("charades", tmp_path, "val")
 
 
 def test_parses_a_full_size_file(tmp_path: Path) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from shards.datasets import DatasetSpec, dataset_names, get_dataset, video_filename_stem
+from shards.datasets import dataset_names, get_dataset, video_filename_stem
 from shards.errors import R2Error, UnknownDatasetError
 from shards.paths import unsafe_id_reason
 
@@ -47,14 +45,6 @@ def test_reference_facts(
     )
 
 
-def test_domains_and_splits() -> None:
-    assert get_dataset("youtube").domains == ("dog", "gymnastics", "parkour", "skating", "skiing", "surfing")
-    assert get_dataset("tvsum").domains == ("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU")
-    assert get_dataset("qvhighlights").domains == ()
-    assert get_dataset("charades").splits == ("train", "test")
-    assert get_dataset("qvhighlights").splits == ("train", "val", "test")
-
-
 def test_clip_seconds() -> None:
     assert get_dataset("qvhighlights").clip_seconds == 2.0
     assert get_dataset("charades").clip_seconds == 1.0
@@ -90,22 +80,6 @@ def test_unknown_dataset_lists_valid_names() -> None:
 def test_video_filename_stem_appends_the_tacos_camera() -> None:
     assert video_filename_stem(get_dataset("tacos"), "s34-d28") == "s34-d28-cam-002"
     assert video_filename_stem(get_dataset("qvh"), "j7rJstUseKg_360.0_510.0") == "j7rJstUseKg_360.0_510.0"
-
-
-def test_annotation_names_per_split() -> None:
-    spec = get_dataset("tacos")
-    assert spec.annotation_names("val")[-1] == "tacos_val_release.jsonl"
-    assert "train.jsonl" in spec.annotation_names("train")
-    assert get_dataset("charades").annotation_names("val") == ()
-    for spec in map(get_dataset, NAMES):
-        assert {split for split, _ in spec.annotation_files} == set(spec.splits)
-
-
-def test_spec_is_frozen() -> None:
-    spec = get_dataset("tacos")
-    assert isinstance(spec, DatasetSpec)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.fps = 1.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

@@ -199,3 +199,23 @@ def test_import_h5_refuses_pooled_and_missing_fps(tmp_path):
             frame_size=224,
             progress=False,
         )
+
+
+def test_import_with_an_openai_arch_name_needs_no_frame_size(tmp_path):
+    vdir = tmp_path / "vid"
+    vdir.mkdir()
+    np.save(vdir / "AO8RW.npy", arr(0, (3, K, 50, 768)))
+    out = tmp_path / "b32.zarr"
+    args = ["import-npy", "-d", "charades", "--video-dir", str(vdir), "--out", str(out), "--arch", "ViT-B/32"]
+    result = runner.invoke(app, [*args, "-q"])
+    assert result.exit_code == 0, result.output
+    m = open_store(out).manifest
+    assert (m.backbone, m.frame_size, m.video_tokens, m.video_width, m.text_width) == (
+        "ViT-B-32",
+        224,
+        50,
+        768,
+        512,
+    )
+    result = runner.invoke(app, [*args, "--frame-size", "336", "-q"])
+    assert result.exit_code == 2 and "takes 224 px frames, not --frame-size 336" in result.stderr

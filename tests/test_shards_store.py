@@ -14,7 +14,7 @@ import zarr
 import shards.store as store_mod
 from shards.errors import StoreError
 from shards.schema import Query
-from shards.store import FeatureStore, clamp_query, create_store, open_store
+from shards.store import FeatureStore, create_store, open_store
 
 K, P, C, CQ = 2, 3, 8, 4
 GEOMETRY = (K, P, C, CQ)
@@ -250,21 +250,6 @@ def test_concurrent_creators_and_writers_of_disjoint_videos(tmp_path, tiny_manif
         np.testing.assert_array_equal(s.read_video(f"v{i}"), tokens(i, 3 + i % 4))
     assert s.staging_entries() == []
     assert not [p for p in tmp_path.iterdir() if p.name != "shared.zarr"]  # no temporary store left
-
-
-def test_clamp_query_cuts_to_decoded_length():
-    q = Query(
-        vid="a",
-        qid=1,
-        text="t",
-        duration=30.0,
-        split="train",
-        moments=[[2.0, 8.0], [24.0, 29.0], [-1.0, 3.0]],
-    )
-    out = clamp_query(q, num_clips=13, fps=0.5)  # 26 s decoded
-    assert out.moments == [[2.0, 8.0], [24.0, 26.0], [0.0, 3.0]] and out.duration == 26.0
-    assert clamp_query(q, num_clips=10, fps=1.0).moments == [[2.0, 8.0], [0.0, 3.0]]
-    assert q.moments[1] == [24.0, 29.0]
 
 
 def test_docs_plain_zarr_snippet_runs(store):

@@ -170,8 +170,9 @@ def test_per_query_targets_follow_each_video_length_and_fps():
 
 
 def test_grouped_validation_equals_one_query_at_a_time():
+    from eval.postprocess import postprocess_for
     from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
-    from train.engine.evaluate import postprocess_windows, predict_batch
+    from train.engine.evaluate import predict_batch
     from train.model import R2Tuning, decode_sample
 
     spec = SyntheticSpec(n_videos=1, layers=3, tokens=2, width=4, text_width=6, backbone="synthetic-batching")
@@ -196,7 +197,7 @@ def test_grouped_validation_equals_one_query_at_a_time():
                 torch.ones(1, length, dtype=torch.bool),
             )
         windows, saliency = decode_sample(out, 0, 1.0)
-        expected = postprocess_windows(windows.numpy(), queries[i].duration, cfg)
+        expected = postprocess_for("tacos", windows.numpy(), queries[i].duration)
         np.testing.assert_allclose(pred.windows, expected, atol=1e-5)
         np.testing.assert_allclose(pred.saliency, saliency.numpy(), atol=1e-6)
         assert len(pred.saliency) == frames

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shards.backbones import REFERENCE_BACKBONES, get_backbone
 from shards.errors import CheckpointError
 from train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from train.config import BACKBONES, get_preset
+from train.config import get_preset
 from train.inference import Grounder, TokenShapeError
 from train.model import (
     R2Tuning,
@@ -24,6 +25,7 @@ from train.model import (
 )
 from train.model.losses import SampledNCELoss
 from train.model.points import PointGenerator
+from train.model.reference import forward_reference
 
 KEYS_FILE = Path(__file__).parent / "data" / "r2_parity" / "state_dict_keys.txt"
 
@@ -113,10 +115,10 @@ def test_initialisation_follows_reference() -> None:
         assert layer.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
 
 
-@pytest.mark.parametrize("arch", list(BACKBONES))
+@pytest.mark.parametrize("arch", REFERENCE_BACKBONES)
 def test_every_backbone_builds_and_runs(arch: str) -> None:
     model = build(arch=arch)
-    dims = BACKBONES[arch]
+    dims = get_backbone(arch)
     assert model.adapter.video_map[2].in_features == dims.video_width + 2
     assert model.adapter.query_map[2].in_features == dims.text_width
     b = random_batch(model, [3], [2])
@@ -145,7 +147,7 @@ def test_official_dict_path_equals_clean_path_and_keeps_inputs() -> None:
     }
     copies = {k: v.clone() for k, v in data.items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
-        official = model(data, mode="train")
+        official = forward_reference(model, data, "train")
         targets = Targets(b["saliency"], b["pos_clip"], b["fps"], b["boundary"])
         clean = model(b["video"], b["video_mask"], b["query"], b["query_mask"], targets=targets).losses
     assert set(official) == {"loss_cls", "loss_reg", "loss_sal", "loss_video_cal", "loss_layer_cal"}
@@ -154,7 +156,7 @@ def test_official_dict_path_equals_clean_path_and_keeps_inputs() -> None:
     for key, value in copies.items():
         assert torch.equal(data[key], value)
     with pytest.raises(ValueError, match="one sample"):
-        model(data, mode="val")
+        forward_reference(model, data, "val")
 
 
 def test_dropout_and_droppath_only_in_training_mode() -> None:

@@ -10,10 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from shards.datasets import get_dataset
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
 from train.checkpoint import read_checkpoint
-from train.cli import app as train_app
-from train.config import get_preset
 from train.engine.trainer import train_run
 from train.sweep.config import request_config
 from train.sweep.shared import data_key, group_requests, max_models, model_bytes, run_shared_trials
@@ -99,23 +98,24 @@ def test_memory_bound_limits_the_models_per_pass(store):
 
 
 def test_cli_sweep_on_the_real_trainer_with_a_shared_pass(store, tmp_path):
-    from train.sweep.cli import app
+    from r2.cli import build_app
 
+    app = build_app()
     out = tmp_path / "sweep"
     fixed = [a for item in TINY if item != "epochs=2" for a in ("--set", item)]
-    args = ["--preset", "tacos", "--store", store, "--out", str(out), "--workers", "0", "--shared-pass", "on",
-            "--grid", "lr=1e-3,3e-3", "--set", "epochs=1", *fixed]
+    args = ["sweep", "--preset", "tacos", "--store", store, "--out", str(out), "--workers", "0",
+            "--shared-pass", "on", "--grid", "lr=1e-3,3e-3", "--set", "epochs=1", *fixed]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "shared x2" in result.output
     assert "r2 train --preset tacos --store" in result.output and "--set lr=" in result.output
     assert "--arch synthetic-tiny" in result.output
     command = next(line for line in result.output.splitlines() if line.strip().startswith("r2 train "))
-    best_run = CliRunner().invoke(train_app, shlex.split(command)[2:])   # the printed command runs as is
+    best_run = CliRunner().invoke(app, shlex.split(command)[1:])   # the printed command runs as is
     assert best_run.exit_code == 0, best_run.output
     assert json.loads((out / "best" / "config.json").read_text())["model"]["video_width"] == 16
     saved = json.loads((out / "results.json").read_text())
-    key = get_preset("tacos").eval.key_metric
+    key = get_dataset("tacos").key_metric
     assert saved["key_metric"] == key and key in saved["trials"][0]["metrics"]
     assert [t["status"] for t in saved["trials"]] == ["ok", "ok"]
     assert (out / "sweep.png").is_file() and (out / "results.csv").is_file()

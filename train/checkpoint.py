@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,9 @@ class _Placeholder:
 
 def _load_with_placeholders(path: Path, names: list[str]) -> Any:
     """``weights_only`` load where each global in ``names`` becomes an inert placeholder class."""
-    stubs = [(type(name.rsplit(".", 1)[-1], (_Placeholder,), {}), name) for name in names]
+    stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (type(name.rsplit(".", 1)[-1], (_Placeholder,), {}), name) for name in names
+    ]
     try:
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -3,8 +3,7 @@
 Training itself is :func:`train.engine.trainer.train_run`; the device is ``--device`` or else
 ``train.device``.
 
-``train`` is the command function (``r2.cli`` registers it as ``r2 train``); ``app`` is a typer app
-with this one command, for running it on its own.
+``train`` is the command function; ``r2.cli`` registers it as ``r2 train``.
 """
 
 from __future__ import annotations
@@ -13,19 +12,22 @@ from pathlib import Path
 
 import typer
 
+from shards.datasets import get_dataset
 from shards.errors import ConfigError
 from train.config import ALIASES, RunConfig, apply_overrides, get_preset, preset_names
 from train.model import R2Tuning, count_parameters
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-
-@app.command()
 def train(
     preset: str = typer.Option(
         ..., "--preset", "-p", help=f"Config preset: {', '.join(preset_names()[:6])}, ..."
     ),
-    arch: str = typer.Option("ViT-B-32", "--arch", help="CLIP backbone of the cached tokens."),
+    arch: str = typer.Option(
+        "ViT-B-32",
+        "--arch",
+        help="CLIP backbone of the cached tokens: any open_clip ViT name or an OpenAI spelling "
+        "(ViT-B/32, ViT-L/14@336px).",
+    ),
     overrides: list[str] = typer.Option(
         [], "--set", help=f"Override a config key: --set optim.lr=1e-4 (aliases: {', '.join(ALIASES)})."
     ),
@@ -69,7 +71,7 @@ def model_summary(cfg: RunConfig) -> str:
         f"preset {cfg.preset} (dataset {cfg.dataset}{'/' + cfg.domain if cfg.domain else ''}), "
         f"backbone {m.arch}: video tokens (T, {m.layers}, {p}, {c}), query tokens (L, {m.layers}, {cq})",
         f"epochs {cfg.train.epochs}, batch {cfg.train.batch_size}, lr {cfg.optim.lr:g}, "
-        f"key metric {cfg.eval.key_metric}",
+        f"key metric {get_dataset(cfg.dataset).key_metric}",
         "",
         f"{'module':<28}{'parameters':>12}",
     ]

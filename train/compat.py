@@ -1,9 +1,10 @@
 """Which stores a config or a checkpoint may be used with.
 
-A checkpoint records the identity of the store it was trained on (backbone, weights checksum, fps,
-layers, token shapes, dataset); a store that differs in any of them is refused with a
-:class:`~shards.errors.StoreError` that names both values. A config is checked against a store's
-geometry before any training starts, and takes its token dims (P, C, Cq) from the store's manifest.
+A checkpoint records the identity of the store it was trained on (:meth:`Manifest.identity`:
+backbone, weights checksum, fps, layers, frame size, token shapes, dataset); a store that differs
+in any of them is refused with a :class:`~shards.errors.StoreError` that names both values. A
+config is checked against a store's geometry before any training starts, and takes its token dims
+(P, C, Cq) from the store's manifest.
 """
 
 from __future__ import annotations
@@ -13,33 +14,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from shards.backbones import TokenDims, normalize_backbone
 from shards.datasets import get_dataset
 from shards.errors import StoreError
+from shards.manifest import IDENTITY_FIELDS
 from shards.store import FeatureStore, Manifest, open_store
-from train.config import RunConfig, TokenDims, normalize_arch
-
-IDENTITY_FIELDS = (
-    "backbone",
-    "pretrained",
-    "weights_sha256",
-    "fps",
-    "layers",
-    "video_tokens",
-    "video_width",
-    "text_width",
-    "dataset",
-)
-"""Manifest fields a checkpoint records and requires of the store it is used with."""
-
-
-def store_identity(manifest: Manifest) -> dict[str, Any]:
-    """The :data:`IDENTITY_FIELDS` of ``manifest``."""
-    attrs = manifest.to_attrs()
-    return {k: attrs[k] for k in IDENTITY_FIELDS}
+from train.config import RunConfig
 
 
 def open_store_for(identity: dict[str, Any], path: str | Path, source: str) -> FeatureStore:
     """Open the store at ``path`` requiring the recorded ``identity``.
+
+    ``identity`` is what a checkpoint records: :meth:`shards.manifest.Manifest.identity` of its
+    training store. Only the :data:`~shards.manifest.IDENTITY_FIELDS` it holds are compared, so
+    checkpoints of earlier versions, which recorded fewer of them, are still accepted.
 
     Raises:
         StoreError: the store differs; the message names each field with both values and ``source``.
@@ -53,7 +41,7 @@ def open_store_for(identity: dict[str, Any], path: str | Path, source: str) -> F
 def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> None:
     """Check that a model of ``cfg`` can be trained on the store at ``path`` with ``manifest``.
 
-    Token dims (P, C, Cq) that ``cfg`` sets, or takes from the backbone table, must equal the store's;
+    Token dims (P, C, Cq) that ``cfg`` sets, or takes from the backbone registry, must equal the store's;
     unknown ones are left to :func:`config_for_store`.
 
     Raises:
@@ -62,7 +50,7 @@ def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> 
     problems = []
     if get_dataset(manifest.dataset).name != cfg.dataset:
         problems.append(f"dataset is {manifest.dataset!r} but preset {cfg.preset!r} is for {cfg.dataset!r}")
-    if normalize_arch(manifest.backbone) != normalize_arch(cfg.model.arch):
+    if normalize_backbone(manifest.backbone) != normalize_backbone(cfg.model.arch):
         problems.append(f"backbone is {manifest.backbone!r} but model.arch is {cfg.model.arch!r}")
     stored = (manifest.video_tokens, manifest.video_width, manifest.text_width)
     wanted = cfg.model.known_token_dims()

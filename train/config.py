@@ -1,4 +1,4 @@
-"""Typed run configuration: model, loss, optimiser, training loop and evaluation knobs, plus presets.
+"""Typed run configuration: model, loss, optimiser and training-loop knobs, plus presets.
 
 A :class:`RunConfig` is a tree of dataclasses. Every leaf is a knob that can be changed from the
 command line with ``--set key=value`` (:func:`apply_overrides`), using the dotted field name
@@ -16,59 +16,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
+from shards.backbones import TokenDims, find_backbone, get_backbone, normalize_backbone
 from shards.datasets import get_dataset
 from shards.errors import ConfigError
-
-
-class TokenDims(NamedTuple):
-    """Token dimensions of one CLIP backbone as cached by ``extract/`` (and recorded in a store's manifest).
-
-    Attributes:
-        video_tokens: P, tokens per frame (CLS + patches).
-        video_width: C, width of the visual residual stream.
-        text_width: Cq, width of the text residual stream.
-    """
-
-    video_tokens: int
-    video_width: int
-    text_width: int
-
-
-BACKBONES: Mapping[str, TokenDims] = MappingProxyType({
-    "ViT-B-32": TokenDims(50, 768, 512),
-    "ViT-B-16": TokenDims(197, 768, 512),
-    "ViT-L-14": TokenDims(257, 1024, 768),
-    "ViT-L-14-336": TokenDims(577, 1024, 768),
-})
-"""Known open_clip backbones -> token dimensions (P = 1 + (frame size / patch)²); read-only. Any other
-backbone works when its dims are given in :class:`ModelConfig` (the trainer takes them from the store)."""
-
-def normalize_arch(name: str) -> str:
-    """Canonical backbone name: ``ViT-B/32``, ``vit-b-32-quickgelu`` -> ``ViT-B-32``.
-
-    Names outside :data:`BACKBONES` are kept (slashes made dashes, ``-quickgelu`` dropped): their token
-    dimensions then come from the config or the store.
-
-    Raises:
-        ConfigError: the name is empty.
-    """
-    cleaned = name.strip().replace("/", "-")
-    cleaned = re.sub(r"-quickgelu$", "", cleaned, flags=re.IGNORECASE)
-    key = cleaned.lower().replace("-336px", "-336")
-    for arch in BACKBONES:
-        if arch.lower() == key:
-            return arch
-    if not cleaned:
-        raise ConfigError("model.arch is empty; name the CLIP backbone of the cached tokens, e.g. ViT-B-32")
-    return cleaned
 
 
 @dataclass
@@ -78,8 +33,8 @@ class ModelConfig:
     Attributes:
         arch: CLIP backbone whose cached tokens feed the model (a store of another backbone is refused).
         video_tokens, video_width, text_width: token dimensions P, C, Cq; ``None`` takes the value of
-            :data:`BACKBONES` for ``arch``. The trainer sets them from the store's manifest, so
-            ``config.json`` and checkpoints record the dims the model was built for.
+            the backbone registry (:mod:`shards.backbones`) for ``arch``. The trainer sets them from
+            the store's manifest, so ``config.json`` and checkpoints record the dims the model was built for.
         layers: k, number of last CLIP layers fused by the R² block.
         dims: D, hidden width of the model.
         strides: temporal strides of the conv pyramid (powers of two, the first must be 1).
@@ -110,9 +65,10 @@ class ModelConfig:
     max_num_moment: int = 50
 
     def known_token_dims(self) -> tuple[int | None, ...]:
-        """(P, C, Cq) as far as known: each field when set, else the :data:`BACKBONES` value of
+        """(P, C, Cq) as far as known: each field when set, else the backbone registry's value for
         :attr:`arch`, else ``None``."""
-        table = BACKBONES.get(normalize_arch(self.arch)) or (None, None, None)
+        backbone = find_backbone(self.arch)
+        table = backbone.token_dims if backbone is not None else (None, None, None)
         given = (self.video_tokens, self.video_width, self.text_width)
         return tuple(g if g is not None else t for g, t in zip(given, table, strict=True))
 
@@ -120,18 +76,21 @@ class ModelConfig:
         """(P, C, Cq) the model is built for.
 
         Raises:
-            ConfigError: a dim is unset and :attr:`arch` is not in :data:`BACKBONES`.
+            ConfigError: a dim is unset and the backbone registry does not describe :attr:`arch`.
         """
-        known = self.known_token_dims()
-        if None in known:
-            close = difflib.get_close_matches(self.arch, list(BACKBONES), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(
-                f"backbone {self.arch!r} is not one of {', '.join(BACKBONES)}{hint}: set its token dims with "
-                "--set model.video_tokens=P --set model.video_width=C --set model.text_width=Cq, "
-                "or train on a store, which records them"
-            )
-        return TokenDims(*known)
+        p, c, cq = self.video_tokens, self.video_width, self.text_width
+        if p is None or c is None or cq is None:
+            try:
+                table = get_backbone(self.arch).token_dims
+            except ConfigError as err:
+                raise ConfigError(
+                    f"{err}; or set its token dims with --set model.video_tokens=P --set "
+                    "model.video_width=C --set model.text_width=Cq, or train on a store, which records them"
+                ) from None
+            p = table.video_tokens if p is None else p
+            c = table.video_width if c is None else c
+            cq = table.text_width if cq is None else cq
+        return TokenDims(p, c, cq)
 
 
 @dataclass
@@ -220,29 +179,13 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation settings (post-processing lives in ``eval/``).
-
-    Attributes:
-        nms_mode: ``normal`` | ``linear`` | ``None`` (highlight-only datasets).
-        nms_thres: IoU threshold of ``normal`` NMS.
-        clip_unit: rounding unit of predicted windows in seconds (``None``: no rounding).
-        key_metric: metric that selects the best checkpoint (higher is better).
-    """
-
-    nms_mode: str | None = "normal"
-    nms_thres: float | None = 0.7
-    clip_unit: float | None = 2.0
-    key_metric: str = "MR-full-mAP"
-
-
-@dataclass
 class RunConfig:
     """Everything a training run needs besides the data.
 
     Attributes:
         preset: name of the preset this config started from.
-        dataset: dataset registry name (``shards.datasets``).
+        dataset: dataset registry name (``shards.datasets``); the registry gives the evaluation
+            settings (NMS, clip unit, key metric).
         domain: YouTube Highlights / TVSum domain, else ``None``.
     """
 
@@ -253,7 +196,6 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dict of plain JSON types (tuples become lists)."""
@@ -267,6 +209,8 @@ class RunConfig:
             ConfigError: unknown key or value of the wrong type.
         """
         cfg = cls()
+        # configs saved by earlier versions copy the dataset registry's settings into an `eval` section
+        data = {key: value for key, value in data.items() if key != "eval"}
         for key, value in _flatten(data):
             _set_field(cfg, key, value)
         validate(cfg)
@@ -334,7 +278,8 @@ def preset_names() -> list[str]:
 def get_preset(name: str, arch: str = "ViT-B-32") -> RunConfig:
     """The reference configuration of preset ``name`` (case-insensitive) for backbone ``arch``.
 
-    A backbone outside :data:`BACKBONES` leaves the token dims unset (see :class:`ModelConfig`).
+    A backbone the registry (:mod:`shards.backbones`) does not describe leaves the token dims unset
+    (see :class:`ModelConfig`).
 
     Raises:
         ConfigError: unknown preset (the message lists the valid ones) or an empty backbone name.
@@ -347,7 +292,7 @@ def get_preset(name: str, arch: str = "ViT-B-32") -> RunConfig:
         raise ConfigError(f"unknown preset {name!r}{hint}; valid presets: {', '.join(preset_names())}")
     dataset, _, domain = canonical.partition("_")
     cfg = RunConfig(preset=canonical, dataset=dataset, domain=domain or None)
-    cfg.model.arch = normalize_arch(arch)
+    cfg.model.arch = normalize_backbone(arch)
     if dataset in _MR_PRESETS:
         overrides = _MR_PRESETS[dataset]
     else:
@@ -360,10 +305,6 @@ def get_preset(name: str, arch: str = "ViT-B-32") -> RunConfig:
     for section, values in overrides.items():
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
-    spec = get_dataset(dataset)
-    cfg.eval = EvalConfig(
-        nms_mode=spec.nms_mode, nms_thres=spec.nms_thres, clip_unit=spec.clip_unit, key_metric=spec.key_metric
-    )
     validate(cfg)
     return cfg
 
@@ -394,7 +335,7 @@ def validate(cfg: RunConfig) -> None:
         ConfigError: the first violated constraint, naming the field.
     """
     m, lo = cfg.model, cfg.loss
-    m.arch = normalize_arch(m.arch)
+    m.arch = normalize_backbone(m.arch)
     checks = [
         (m.layers >= 1, "model.layers must be >= 1"),
         (
@@ -429,7 +370,6 @@ def validate(cfg: RunConfig) -> None:
             bool(cfg.train.train_split) and cfg.train.val_split != "",
             "train.train_split must be a split name and train.val_split a split name or none",
         ),
-        (cfg.eval.nms_mode in (None, "normal", "linear"), "eval.nms_mode must be normal, linear or none"),
     ]
     for ok, message in checks:
         if not ok:

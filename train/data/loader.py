@@ -34,14 +34,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.schema import Query
-from shards.store import DTYPE, FeatureStore, Manifest, clamp_query, open_store
+from shards.store import DTYPE, FeatureStore, Manifest, open_store
 
 
 class TokenSource(Protocol):
@@ -149,7 +149,7 @@ class Batch:
         query: ``(B, L_max, k, Cq)`` float16 tokens, zero-padded.
         query_mask: ``(B, L_max)`` bool, true on real tokens.
         fps: ``(V,)`` float32 clips per second of each video.
-        queries: the B annotations (moments clamped to ``T / fps`` seconds unless disabled).
+        queries: the B annotations as stored (:mod:`train.data.targets` clamps moments to ``T / fps``).
         vids: the V video ids, in row order.
     """
 
@@ -191,7 +191,6 @@ class LoaderConfig:
         num_workers: DataLoader worker processes (0 = in the calling process).
         prefetch_videos: videos read ahead by a background thread (0 = read on demand).
         max_bytes: bound on video-token bytes held by one loader process.
-        clamp_moments: clamp moments to the decoded length ``T / fps`` (see :func:`clamp_query`).
     """
 
     batch_size: int = 32
@@ -202,7 +201,6 @@ class LoaderConfig:
     num_workers: int = 0
     prefetch_videos: int = 8
     max_bytes: int = 2 << 30
-    clamp_moments: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.videos_per_batch < 1 or self.max_bytes < 1:
@@ -215,11 +213,13 @@ class LoaderConfig:
 
 @dataclass
 class LoaderStats:
-    """Counters of one loader process over its last epoch."""
+    """Counters of one loader process over its last epoch.
 
-    videos_read: int = 0
-    batches: int = 0
-    queries: int = 0
+    Attributes:
+        peak_bytes: most video-token bytes held at once (bounded by ``LoaderConfig.max_bytes``).
+        skipped: queries left out, by reason: ``split``, ``filter``, ``no video``, ``no query tokens``.
+    """
+
     peak_bytes: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -260,7 +260,6 @@ class _Feed:
             return None
         vid, size, future = self._pending.popleft()
         tokens = future.result() if future is not None else self._source.map_video(vid)
-        self._stats.videos_read += 1
         self._fill()
         return vid, size, tokens
 
@@ -409,7 +408,7 @@ class GroupedQueryDataset(IterableDataset):
         cfg = self.config
         feed = _Feed(source, vids, cfg.prefetch_videos, cfg.max_bytes, self.stats)
         try:
-            yield from _Assembler(source, cfg, self.stats, self.pin_memory).batches(feed, groups)
+            yield from _Assembler(source, cfg, self.pin_memory).batches(feed, groups)
         finally:
             feed.close()
 
@@ -417,10 +416,9 @@ class GroupedQueryDataset(IterableDataset):
 class _Assembler:
     """Fills the batches of one epoch from a :class:`_Feed` (the round-robin pool of videos)."""
 
-    def __init__(self, source: TokenSource, config: LoaderConfig, stats: LoaderStats, pin: bool) -> None:
+    def __init__(self, source: TokenSource, config: LoaderConfig, pin: bool) -> None:
         self._source = source
         self._config = config
-        self._stats = stats
         self._video_buffers = _Buffers(pin=pin)
         self._query_buffers = _Buffers(pin=pin)
 
@@ -472,10 +470,6 @@ class _Assembler:
             lambda i, out: source.read_query(qids[i], out),
         )
         fps = [source.video_fps(live.vid) for live in lives]
-        queries = [
-            clamp_query(q, live.tokens.shape[0], fps[row[live.vid]]) if self._config.clamp_moments else q
-            for q, live in picks
-        ]
         batch = Batch(
             video=video,
             video_mask=video_mask,
@@ -483,15 +477,13 @@ class _Assembler:
             query=query,
             query_mask=query_mask,
             fps=torch.tensor(fps, dtype=torch.float32),
-            queries=queries,
+            queries=[q for q, _ in picks],
             vids=[live.vid for live in lives],
         )
         in_pool = {id(live) for live in pool}
         for live in lives:
             if id(live) not in in_pool:
                 feed.release(live.size)
-        self._stats.batches += 1
-        self._stats.queries += len(picks)
         picks.clear()
         members.clear()
         return batch
@@ -518,7 +510,8 @@ def _select(
     return selected, skipped
 
 
-def _identity(batch: Batch) -> Batch:
+def _identity(batch: Any) -> Any:
+    """``collate_fn`` of the worker ``DataLoader``: with ``batch_size=None`` each :class:`Batch` as is."""
     return batch
 
 

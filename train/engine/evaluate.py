@@ -3,24 +3,22 @@
 Queries are run in groups that share a video, a query length and a clip count, so a group needs
 no padding and gives exactly the reference's one-query-at-a-time output (padding would change
 the TEF, the positional encoding, the conv borders and the max over query tokens). Windows are
-clamped to the annotated duration, rounded to the dataset's clip unit and NMS-ed with
-:mod:`eval.postprocess`; scores come from :func:`eval.metrics.evaluate`.
+clamped to the annotated duration, rounded to the dataset's clip unit and NMS-ed by
+:func:`eval.postprocess.postprocess_for`; scores come from :func:`eval.metrics.evaluate`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from eval.metrics import evaluate
-from eval.postprocess import postprocess
+from eval.postprocess import postprocess_for
 from eval.predictions import QueryPrediction
-from shards.datasets import DatasetSpec, get_dataset
+from shards.datasets import DatasetSpec
 from shards.schema import Query
 from train.config import RunConfig
 from train.data.batching import per_query_targets
@@ -64,18 +62,14 @@ def _groups(batch: Batch, spec: DatasetSpec) -> dict[tuple[int, int, int], list[
     return groups
 
 
-def postprocess_windows(windows: np.ndarray, duration: float, cfg: RunConfig) -> np.ndarray:
-    """Reference evaluation post-processing of raw windows (N, 3) seconds: clamp, round, NMS."""
-    e = cfg.eval
-    thres = 0.7 if e.nms_thres is None else e.nms_thres
-    return postprocess(windows, duration, unit=e.clip_unit, nms_mode=e.nms_mode, thres=thres)
-
-
 @torch.inference_mode()
 def predict_batch(
     model: R2Tuning, batch: Batch, spec: DatasetSpec, cfg: RunConfig, device: torch.device
 ) -> list[QueryPrediction]:
-    """Post-processed predictions of every query of ``batch`` (same order), model in eval mode."""
+    """Post-processed predictions of every query of ``batch`` (same order), model in eval mode.
+
+    Windows are post-processed with ``spec``'s settings (:func:`eval.postprocess.postprocess_for`).
+    """
     model.eval()
     layers = cfg.model.layers
     out_preds: list[QueryPrediction | None] = [None] * len(batch)
@@ -90,9 +84,8 @@ def predict_batch(
         fps = float(batch.fps[row])
         for j, i in enumerate(members):
             q = batch.queries[i]
-            windows, saliency = decode_sample(out, j, fps, cfg.model.max_num_moment, cfg.model.merge_cls_sal)
-            if windows is not None:
-                windows = postprocess_windows(windows.cpu().numpy(), q.duration, cfg)
+            raw, saliency = decode_sample(out, j, fps, cfg.model.max_num_moment, cfg.model.merge_cls_sal)
+            windows = None if raw is None else postprocess_for(spec, raw.cpu().numpy(), q.duration)
             out_preds[i] = QueryPrediction(
                 qid=q.qid, vid=q.vid, windows=windows, saliency=saliency.double().cpu().numpy()
             )
@@ -119,7 +112,6 @@ def validation_loader(
         splits=(split,),
         shuffle=False,
         num_workers=0,
-        clamp_moments=False,
     )
     return StreamingLoader(source, config, query_filter=query_filter)
 
@@ -134,28 +126,3 @@ def score_predictions(
     metrics = flat_metrics(evaluate(dataset, predictions, queries)) if predictions else {}
     return Validation(metrics, predictions, queries, seconds)
 
-
-def validate(
-    model: R2Tuning,
-    loader: StreamingLoader,
-    cfg: RunConfig,
-    device: torch.device,
-    progress: Callable[[int], None] | None = None,
-) -> Validation:
-    """Predict every query ``loader`` serves and score the predictions against its annotations.
-
-    Args:
-        model: the model (switched to eval mode).
-        loader: e.g. from :func:`validation_loader`.
-        cfg: run config (dataset, decoding and post-processing settings).
-        device: where ``model`` lives.
-        progress: called with the number of queries after each batch.
-    """
-    spec = get_dataset(cfg.dataset)
-    start = time.perf_counter()
-    predictions: list[QueryPrediction] = []
-    for batch in loader:
-        predictions += predict_batch(model, batch, spec, cfg, device)
-        if progress is not None:
-            progress(len(batch))
-    return score_predictions(spec.name, predictions, loader.dataset.queries, time.perf_counter() - start)

@@ -98,13 +98,14 @@ def key_value(metrics: dict[str, float], key: str) -> float:
     """``metrics[key]``.
 
     Raises:
-        ConfigError: the validation does not report ``key`` (the message lists what it reports).
+        ConfigError: the validation does not report ``key``, the dataset's key metric (the message lists
+            what it reports).
     """
     if key not in metrics:
-        known = ", ".join(sorted(metrics))
+        known = ", ".join(sorted(metrics)) or "none"
         raise ConfigError(
-            f"key metric {key!r} is not among the validation metrics ({known}); "
-            "set eval.key_metric to one of them"
+            f"the validation reports no {key!r}, the dataset's key metric (it reports: {known}); "
+            "check the annotations of the validation split (train.val_split)"
         )
     return metrics[key]
 

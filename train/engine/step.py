@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from shards.errors import ConfigError
 from train.config import RunConfig
 from train.data.batching import ModelInputs
 from train.engine.schedule import LrSchedule, build_optimizer, clip_gradients
@@ -50,26 +49,6 @@ class TrainState:
     def amp(self) -> bool:
         """Whether steps run under fp16 autocast."""
         return self.scaler is not None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch device.
-
-    Raises:
-        ConfigError: unknown name, or CUDA asked for but not available.
-    """
-    text = (name or "auto").strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
-    return device
 
 
 def build_state(cfg: RunConfig, device: torch.device | str = "cpu", seed: int | None = None) -> TrainState:

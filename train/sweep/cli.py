@@ -17,27 +17,30 @@ from train.sweep.runner import SHARED_PASS_MODES, SweepError, plan_sweep, run_sw
 from train.sweep.spec import build_spec
 from train.sweep.trials import TrialRecord
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-
-@app.command()
 def sweep(
-    preset: str = typer.Option(None, "--preset", help="Config preset (e.g. charades, qvhighlights, tacos)."),
-    store: str = typer.Option(None, "--store", help="Feature store (.zarr) to train on."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Config preset (e.g. charades, qvhighlights, tacos)."
+    ),
+    store: str | None = typer.Option(None, "--store", help="Feature store (.zarr) to train on."),
     grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,... every value (repeat for a product)."),
-    n_random: int = typer.Option(None, "--random", help="Number of random draws from the --range options."),
+    n_random: int | None = typer.Option(
+        None, "--random", help="Number of random draws from the --range options."
+    ),
     ranges: list[str] = typer.Option(
         [], "--range", help="KEY=LOW:HIGH[:log][:int|:float] or KEY=A,B,C (choice); repeatable."
     ),
-    spec: Path = typer.Option(None, "--spec", help="Sweep spec file (.json or .toml); options override it."),
+    spec: Path | None = typer.Option(
+        None, "--spec", help="Sweep spec file (.json or .toml); options override it."
+    ),
     fixed: list[str] = typer.Option([], "--set", help="KEY=VALUE fixed for every trial; repeatable."),
-    out: Path = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/PRESET)."),
-    seed: int = typer.Option(None, "--seed", help="Seed of the random draws (default 0)."),
-    workers: int = typer.Option(
+    out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/PRESET)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the random draws (default 0)."),
+    workers: int | None = typer.Option(
         None, "--workers", help="LocalCluster worker processes (default: one per core or GPU); 0 = run here."
     ),
-    scheduler: str = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
-    threads: int = typer.Option(
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
+    threads: int | None = typer.Option(
         None, "--threads", help="Torch threads per trial (default: cores / workers; 1 with --scheduler)."
     ),
     device: str = typer.Option("auto", "--device", help="Device of the trials: auto, cpu, cuda, cuda:1."),
@@ -50,10 +53,9 @@ def sweep(
         raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
     sweep_spec = build_spec(spec_file=spec, preset=preset, store=store, grid=grid, ranges=ranges,
                             n_random=n_random, fixed=fixed, seed=seed)
-    out_dir = out or Path("runs") / "sweeps" / sweep_spec.preset
-    plan = plan_sweep(sweep_spec, out_dir, device=device)
+    plan = plan_sweep(sweep_spec, out, device=device)
     total = len(plan.requests)
-    typer.echo(f"sweep of {sweep_spec.preset}: {total} trials -> {plan.out_dir}")
+    typer.echo(f"sweep of {plan.preset}: {total} trials -> {plan.out_dir}")
     seen = 0
 
     def report(record: TrialRecord) -> None:
@@ -76,9 +78,9 @@ def sweep(
         raise typer.Exit(130) from None
     typer.echo("")
     typer.echo(format_table(result))
-    command = best_command(result)
-    if command:
-        typer.echo(f"\nbest: {result.best().name}\n  {command}")
+    best = result.best()
+    if best is not None:
+        typer.echo(f"\nbest: {best.name}\n  {best_command(result)}")
     files = [RESULTS_CSV, RESULTS_JSON] + ([PLOT_FILE] if (plan.out_dir / PLOT_FILE).exists() else [])
     typer.echo(f"results: {', '.join(str(plan.out_dir / f) for f in files)}")
     counts = result.counts()

@@ -82,7 +82,7 @@ def best_command(result: SweepResult) -> str | None:
     if best is None:
         return None
     plan = result.plan
-    parts = ["r2", "train", "--preset", plan.spec.preset, "--store", plan.store]
+    parts = ["r2", "train", "--preset", plan.preset, "--store", plan.store]
     parts += ["--out", str(plan.out_dir / "best")]
     if plan.arch and plan.arch != "ViT-B-32":
         parts += ["--arch", plan.arch]
@@ -139,7 +139,7 @@ def results_json(result: SweepResult) -> dict:
     """The ranked records, the best trial and its command as a JSON-ready dict."""
     best = result.best()
     return {
-        "preset": result.plan.spec.preset,
+        "preset": result.plan.preset,
         "store": result.plan.store,
         "key_metric": result.plan.key_metric,
         "higher_is_better": result.plan.higher_is_better,
@@ -178,10 +178,11 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
         texts = [r.params[key] for r in done]
         numbers = _as_numbers(texts)
         ys = [result.key_value(r) for r in done]
+        xs: list[float]
         if numbers is None:
             labels = list(result.plan.spec.grid.get(key, []))
             labels += [t for t in sorted(set(texts)) if t not in labels]
-            xs = [labels.index(t) for t in texts]
+            xs = [float(labels.index(t)) for t in texts]
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
             ax.set_xlim(-0.5, len(labels) - 0.5)
         else:
@@ -198,7 +199,7 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
         ax.set_ylabel(result.plan.key_metric)
         ax.grid(True, alpha=0.3)
     fig.axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"sweep of {result.plan.spec.preset}: {len(done)} finished trials")
+    fig.suptitle(f"sweep of {result.plan.preset}: {len(done)} finished trials")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return True

@@ -57,7 +57,8 @@ class SweepPlan:
 
     Attributes:
         spec: the sweep description.
-        store: feature store path.
+        preset: the config preset of every trial (``spec.preset``, checked).
+        store: feature store path (``spec.store``, checked).
         out_dir: sweep directory.
         requests: one request per trial, in expansion order.
         key_metric: metric that ranks the trials.
@@ -66,6 +67,7 @@ class SweepPlan:
     """
 
     spec: SweepSpec
+    preset: str
     store: str
     out_dir: Path
     requests: list[TrialRequest]
@@ -76,41 +78,44 @@ class SweepPlan:
 
 def plan_sweep(
     spec: SweepSpec,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     device: str = "cpu",
     key_metric: str | None = None,
     higher_is_better: bool = True,
 ) -> SweepPlan:
-    """Expand ``spec`` into trial requests under ``out_dir``.
+    """Expand ``spec`` into trial requests under ``out_dir`` (default ``runs/sweeps/<preset>``).
 
     ``key_metric=None`` (the real trainer) fixes ``train.num_workers=0`` unless ``spec.fixed`` sets it,
     checks every trial's overrides and the store (a bad key fails here, before anything runs) and takes
     the preset's key metric; a given ``key_metric`` skips all that (custom trial functions).
     """
-    if not spec.store:
+    preset, store = spec.preset, spec.store
+    if not preset:
+        raise SweepError("no preset: give --preset NAME (or 'preset' in the spec file)")
+    if not store:
         raise SweepError("no feature store: give --store PATH (or 'store' in the spec file)")
-    if not Path(spec.store).exists():
-        raise SweepError(f"feature store {spec.store}: not found; extract one (r2 extract) or fix --store")
+    if not Path(store).exists():
+        raise SweepError(f"feature store {store}: not found; extract one (r2 extract) or fix --store")
     if key_metric is None:
         from train.sweep.config import with_loader_default
 
         spec = replace(spec, fixed=with_loader_default(spec.fixed))
-    out_dir = Path(out_dir).resolve()
+    out_dir = (Path("runs", "sweeps", preset) if out_dir is None else Path(out_dir)).resolve()
     requests = []
     arch = None
     for index, params in enumerate(expand(spec)):
         overrides = {**spec.fixed, **params}
-        digest = trial_hash(spec.preset, overrides)
+        digest = trial_hash(preset, overrides)
         name = trial_name(index, params, digest)
-        requests.append(TrialRequest(index, name, str(out_dir / name), spec.preset, spec.store,
+        requests.append(TrialRequest(index, name, str(out_dir / name), preset, store,
                                      overrides, params, device=device))
     if key_metric is None:
         from train.sweep.config import check_sweep
 
         trials = [r.override_list() for r in requests]
-        key_metric, higher_is_better, arch = check_sweep(spec.preset, spec.store, trials)
-    return SweepPlan(spec, spec.store, out_dir, requests, key_metric, higher_is_better, arch)
+        key_metric, higher_is_better, arch = check_sweep(preset, store, trials)
+    return SweepPlan(spec, preset, store, out_dir, requests, key_metric, higher_is_better, arch)
 
 
 def _gpu_count(device: str) -> int:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,6 @@ from typing import Any
 import numpy as np
 
 from shards.errors import ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON spec files only
-    tomllib = None
 
 _FILE_KEYS = ("preset", "store", "seed", "set", "grid", "random")
 _SAMPLE_DIGITS = 4
@@ -122,7 +119,9 @@ class SweepSpec:
 
 def split_values(text: str) -> list[str]:
     """Split ``a,b,[1,2]`` on the commas outside brackets; strips white space around each value."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "[(":
             depth += 1
@@ -249,8 +248,6 @@ def load_spec_file(path: str | Path) -> SweepSpec:
         raise SweepSpecError(f"sweep spec {path}: file not found")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".toml" and tomllib is None:
-            raise SweepSpecError(f"sweep spec {path}: TOML needs Python >= 3.11; use a .json spec file")
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix == ".json":
@@ -287,10 +284,10 @@ def build_spec(
     spec_file: str | Path | None = None,
     preset: str | None = None,
     store: str | None = None,
-    grid: list[str] = (),
-    ranges: list[str] = (),
+    grid: Sequence[str] = (),
+    ranges: Sequence[str] = (),
     n_random: int | None = None,
-    fixed: list[str] = (),
+    fixed: Sequence[str] = (),
     seed: int | None = None,
 ) -> SweepSpec:
     """Merge a spec file (if any) with command-line texts; command-line values win, key by key."""
@@ -339,7 +336,7 @@ def expand(spec: SweepSpec) -> list[dict[str, str]]:
     if not spec.ranges:
         return grid_points
     rng = np.random.default_rng(spec.seed)
-    trials = []
+    trials: list[dict[str, str]] = []
     for _ in range(spec.n_random):
         draw = {name: r.sample(rng) for name, r in spec.ranges.items()}
         trials.extend({**point, **draw} for point in grid_points)
