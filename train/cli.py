@@ -15,7 +15,6 @@ import typer
 from shards.datasets import get_dataset
 from shards.errors import ConfigError
 from train.config import ALIASES, RunConfig, apply_overrides, get_preset, preset_names
-from train.model import R2Tuning, count_parameters
 
 
 def train(
@@ -64,6 +63,8 @@ def train(
 
 def model_summary(cfg: RunConfig) -> str:
     """Text table of the model's parameters per module, ending with the trainable-parameter count."""
+    from train.model import R2Tuning, count_parameters
+
     model = R2Tuning(cfg.model, cfg.loss)
     m = cfg.model
     p, c, cq = m.token_dims()

@@ -1,4 +1,4 @@
-"""Python API: ground a sentence in a video from cached CLIP tokens.
+"""Inference on cached CLIP tokens: ``Grounder`` grounds a sentence in a video from a checkpoint.
 
 >>> grounder = Grounder.from_checkpoint("runs/qvh/best.pt")
 >>> pred = grounder.predict(video_tokens, query_tokens, fps=0.5)   # (T, k, P, C), (L, k, Cq)

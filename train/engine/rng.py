@@ -27,7 +27,7 @@ def capture_rng() -> dict[str, Any]:
         "python": {"version": version, "state": list(internal), "gauss": gauss},
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached": float(cached),

@@ -69,6 +69,6 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None)
     if not grads:
         return 0.0
     if max_norm is None or max_norm <= 0:
-        norms = torch.stack([p.grad.detach().float().norm(2) for p in grads])
+        norms = torch.stack([p.grad.detach().float().norm(2) for p in grads if p.grad is not None])
         return float(norms.norm(2))
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm=max_norm, norm_type=2))

@@ -35,6 +35,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.mapping = nn.Sequential(nn.Linear(dims, dims * ratio), nn.ReLU(), nn.Linear(dims * ratio, dims))
         for layer in (self.mapping[0], self.mapping[2]):
+            assert isinstance(layer, nn.Linear)
             nn.init.kaiming_normal_(layer.weight, a=0, mode="fan_out", nonlinearity="leaky_relu")
             nn.init.zeros_(layer.bias)
 

@@ -88,6 +88,7 @@ class SampledNCELoss(nn.Module):
         self.weight = weight
         self.max_scale = max_scale
         self.direction = tuple(direction)
+        self.scale: torch.Tensor
         self.register_buffer("scale", torch.tensor([math.log(1 / temperature)]))
 
     def forward(

@@ -111,6 +111,7 @@ class R2Block(nn.Module):
                 gate = self.gate[i].sigmoid()
                 x = gate * x + (1 - gate) * hidden
             hidden = self.tem(x, q_i, pe, video_mask, query_mask)
+        assert hidden is not None  # layers >= 1
         return hidden, q_i, coll_v, coll_q
 
     def pool(self, v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
