@@ -10,6 +10,7 @@ the batches a fresh run sees.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,10 @@ class RunData:
     val_split: str | None
     loader: StreamingLoader
     val_loader: StreamingLoader | None
+
+    def steps_per_epoch(self, cfg: RunConfig) -> int:
+        """Optimizer steps of one epoch: ``ceil(queries x train.repeat / train.batch_size)``."""
+        return math.ceil(self.loader.num_queries * cfg.train.repeat / cfg.train.batch_size)
 
     def write_run_info(self, paths: RunPaths, cfg: RunConfig, amp: bool) -> None:
         """Write ``config.json`` (the resolved ``cfg``) and ``run.json`` (store, splits, seed, device,
