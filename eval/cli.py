@@ -1,21 +1,17 @@
-"""``r2 eval``: score a prediction file against an annotation file with the official metrics."""
+"""The file mode of ``r2 eval``: score a prediction file against an annotation file with the official
+metrics (the command itself, which also scores checkpoints, is ``r2/eval_cli.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-
-import typer
+from typing import Any
 
 from eval.metrics import evaluate
 from eval.postprocess import postprocess_for
 from eval.predictions import QueryPrediction, read_predictions
-from eval.table import format_table
 from shards.annotations import infer_split, load_annotations
-from shards.atomic import atomic_path
-from shards.cliutil import USER_ERROR_EXIT, user_errors
-from shards.datasets import DatasetSpec, dataset_names, get_dataset
+from shards.datasets import DatasetSpec, get_dataset
 from shards.schema import Query
 
 
@@ -39,47 +35,33 @@ def _postprocessed(
     ]
 
 
-def eval_command(
-    dataset: str = typer.Option(..., "--dataset", "-d", help=f"One of: {', '.join(dataset_names())}."),
-    predictions: Path = typer.Option(
-        ...,
-        "--predictions",
-        "-p",
-        help="Prediction JSON Lines (qid, pred_relevant_windows, pred_saliency_scores).",
-    ),
-    annotations: Path = typer.Option(
-        ..., "--annotations", "-a", help="The dataset's annotation file (same split)."
-    ),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the official metric keys as JSON instead of a table."
-    ),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the metrics as JSON to this file."),
-    allow_missing: bool = typer.Option(
-        False, "--allow-missing", help="Score only the queries present in both files instead of failing."
-    ),
-    postprocess: bool = typer.Option(
-        False,
-        "--postprocess",
-        help="Post-process raw windows (e.g. Grounder.predict output) as validation does first: clamp to "
-        "the annotated duration, round to the dataset's clip unit, NMS.",
-    ),
-) -> None:
-    """Score a prediction file with the dataset's official metrics (as given, unless --postprocess)."""
-    with user_errors():
-        spec = get_dataset(dataset)
-        ground_truth = load_annotations(spec.name, annotations, _split(spec, annotations))
-        preds = read_predictions(predictions)
-        if postprocess:
-            preds = _postprocessed(spec, preds, ground_truth)
-        metrics = evaluate(spec.name, preds, ground_truth, allow_missing)
-    if out is not None:
-        try:
-            with atomic_path(out) as tmp:
-                tmp.write_text(json.dumps(metrics, indent=4) + "\n", encoding="utf-8")
-        except OSError as err:
-            typer.echo(f"error: cannot write {out}: {err.strerror}; choose a writable --out path", err=True)
-            raise typer.Exit(USER_ERROR_EXIT) from err
-    if as_json:
-        typer.echo(json.dumps(metrics, indent=4))
-    else:
-        typer.echo(format_table(metrics, title=f"{spec.title}: {predictions.name} vs {annotations.name}"))
+def score_file(
+    dataset: str,
+    predictions: str | Path,
+    annotations: str | Path,
+    allow_missing: bool = False,
+    postprocess: bool = False,
+) -> tuple[DatasetSpec, dict[str, Any]]:
+    """Score a prediction file (submission format) against a dataset's annotation file.
+
+    Args:
+        dataset: dataset registry name or alias.
+        predictions: prediction JSON Lines (:func:`eval.predictions.read_predictions`).
+        annotations: the dataset's annotation file of the same split.
+        allow_missing: score only the queries present in both files instead of failing.
+        postprocess: post-process raw windows as validation does first (clamp to the annotated
+            duration, round to the clip unit, NMS); otherwise the file is scored as given.
+
+    Returns:
+        the dataset and the evaluator's result (:func:`eval.metrics.evaluate`).
+
+    Raises:
+        UnknownDatasetError, AnnotationError, PredictionError: bad name, file or query ids.
+    """
+    spec = get_dataset(dataset)
+    path = Path(annotations)
+    ground_truth = load_annotations(spec.name, path, _split(spec, path))
+    preds = read_predictions(predictions)
+    if postprocess:
+        preds = _postprocessed(spec, preds, ground_truth)
+    return spec, evaluate(spec.name, preds, ground_truth, allow_missing)

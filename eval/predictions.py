@@ -2,14 +2,15 @@
 
 One JSON object per line (JSON Lines)::
 
-    {"qid": 2579, "vid": "NUsG9BgSes0_210.0_360.0",
+    {"qid": 2579, "query": "A man is talking.", "vid": "NUsG9BgSes0_210.0_360.0",
      "pred_relevant_windows": [[start_s, end_s, score], ...],
      "pred_saliency_scores": [one score per clip, ...]}
 
+These are the records of the official leaderboard's ``hl_{val,test}_submission.jsonl``.
 ``pred_relevant_windows`` (seconds) is what moment retrieval is scored on, in file order (the
 first row is the top-1 prediction); ``pred_saliency_scores`` (one per clip, higher = more
 salient) is what highlight detection is scored on. A line needs at least one of the two;
-other keys (``query``, ...) are ignored. Problems are reported as
+``query`` and ``vid`` are optional, other keys are ignored. Problems are reported as
 :class:`PredictionError` ``file:line: ...``.
 """
 
@@ -47,16 +48,20 @@ class QueryPrediction:
         vid: video id, or ``None`` when the file does not give it.
         windows: ``(N, 3)`` float64 ``[start_s, end_s, score]`` rows in file order, or ``None``.
         saliency: ``(T,)`` float64 score per clip, or ``None``.
+        query: the sentence, or ``None`` when the file does not give it.
     """
 
     qid: int | str
     vid: str | None = None
     windows: np.ndarray | None = None
     saliency: np.ndarray | None = None
+    query: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The submission-format record (keys without a value are left out)."""
+        """The submission-format record, keys in the official order (those without a value are left out)."""
         record: dict[str, Any] = {"qid": self.qid}
+        if self.query is not None:
+            record["query"] = self.query
         if self.vid is not None:
             record["vid"] = self.vid
         if self.windows is not None:
@@ -116,6 +121,9 @@ def parse_record(record: Any, where: str = "prediction") -> QueryPrediction:
     vid = record.get("vid")
     if vid is not None and not isinstance(vid, str):
         raise PredictionError(f"{where}: field 'vid' must be a string, got {vid!r}")
+    query = record.get("query")
+    if query is not None and not isinstance(query, str):
+        raise PredictionError(f"{where}: field 'query' must be a string, got {query!r}")
     windows = record.get(WINDOWS_KEY)
     saliency = record.get(SALIENCY_KEY)
     if windows is None and saliency is None:
@@ -125,6 +133,7 @@ def parse_record(record: Any, where: str = "prediction") -> QueryPrediction:
         vid=vid,
         windows=None if windows is None else _windows(windows, where),
         saliency=None if saliency is None else _saliency(saliency, where),
+        query=query,
     )
 
 

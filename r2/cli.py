@@ -14,8 +14,8 @@ from shards.cliutil import user_errors
 
 def build_app() -> typer.Typer:
     """Compose the commands. Imports stay inside so that importing this module is cheap."""
-    from eval.cli import eval_command
     from extract.cli import extract
+    from r2.eval_cli import eval_command
     from r2.predict_cli import predict
     from shards.cli import app as shards_app
     from train.cli import train

@@ -4,12 +4,16 @@ For two store shapes -- QVHighlights (T=75, k=4, P=50, C=768, 2 queries per vide
 (T=150, same tokens, 140 queries per video) -- built with
 :func:`tests.helpers.synthetic.make_synthetic_store`:
 
-1. samples/s (queries/s) the streaming loader delivers from the store (cold: page cache dropped with
-   ``posix_fadvise(DONTNEED)``; warm: right after), from RAM (:class:`train.data.loader.MemorySource`)
-   and reference-style (one ``np.load`` of ``<vid>.npy`` and of ``<qid>.npy`` per query, then padded
-   per-query stacking as the reference collate does; cold), all on the same videos;
-2. the loader over the whole store (cold);
-3. full training samples/s on CPU (loader -> model inputs -> forward/backward/AdamW, D=256).
+1. samples/s (queries/s) the pooled streaming loader delivers from the store (cold: page cache
+   dropped with ``posix_fadvise(DONTNEED)``; warm: right after), from RAM
+   (:class:`train.data.loader.MemorySource`) and reference-style (one ``np.load`` of ``<vid>.npy`` and
+   of ``<qid>.npy`` per query, then padded per-query stacking as the reference collate does; cold),
+   all on the same videos;
+2. the default loader on the same videos: uniform batches (:mod:`train.data.uniform`) with the RAM
+   token cache (:mod:`train.data.cache`; its filling pass from a cold store, then warm), streamed from
+   the store (cold) and assembled from tokens already in RAM;
+3. the pooled loader over the whole store (cold);
+4. full training samples/s on CPU (default loader -> model inputs -> forward/backward/AdamW, D=256).
 
 Then the peak RSS of a 1-epoch ``train_run`` over stores of 1k and 10k small videos, each in a
 fresh subprocess (``VmHWM``: the peak RSS of the child image, i.e. its ``ru_maxrss`` without the
@@ -44,7 +48,9 @@ from shards.datasets import get_dataset
 from shards.store import open_store
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.data.batching import model_inputs
-from train.data.loader import LoaderConfig, MemorySource, StreamingLoader
+from train.data.cache import CachePlan, TokenCache
+from train.data.loader import LoaderConfig, MemorySource, StreamingLoader, TokenSource
+from train.data.uniform import UniformLoader
 from train.engine.step import build_state, train_step
 from train.engine.trainer import train_run
 
@@ -115,7 +121,7 @@ def npy_batches(root: Path, queries: list, batch_size: int, seed: int = 0) -> It
 # ------------------------------------------------------------------------------------------ benches
 
 
-def epochs(loader: StreamingLoader, count: int) -> Iterator:
+def epochs(loader: StreamingLoader | UniformLoader, count: int) -> Iterator:
     """``count`` epochs of ``loader`` back to back (longer passes: steadier rates on a shared machine)."""
     for epoch in range(count):
         loader.set_epoch(epoch)
@@ -172,6 +178,7 @@ def bench_loader(spec: SyntheticSpec, root: Path, subset: int, batch: int, pools
         row["cold"] = best_rate(from_store, rounds, limit_s, cold=store_path)
         result["pools"][pool] = row
     result["npy"] = best_rate(lambda: npy_batches(npy_root, queries, batch), rounds, limit_s, cold=npy_root)
+    result["uniform"] = bench_uniform(store_path, store, ram, keep, batch, repeat, limit_s, rounds)
     drop_cache(store_path)
     full_cfg = LoaderConfig(batch_size=batch, videos_per_batch=pools[0], seed=1)
     result["full_store"], result["full_queries"] = rate(StreamingLoader(store_path, full_cfg), limit_s * 4)
@@ -179,13 +186,37 @@ def bench_loader(spec: SyntheticSpec, root: Path, subset: int, batch: int, pools
     return result
 
 
-def bench_training(spec: SyntheticSpec, root: Path, preset: str, batch: int, pool: int, steps: int) -> dict:
-    """Training samples/s on CPU with the preset's model (D=256): loader -> inputs -> optimizer step."""
-    cfg = synthetic_run_config(spec, preset, [f"batch_size={batch}", f"train.pool_size={pool}",
-                                              "train.num_workers=0"])
+def _uniform(source: TokenSource, store_path: Path, mode: str, keep: set, batch: int) -> UniformLoader:
+    cache = TokenCache(source, CachePlan(mode, torch.device("cpu"), 2**40, 0))
+    return UniformLoader(cache, store_path, batch, seed=0, splits=(), query_filter=lambda q: q.vid in keep)
+
+
+def bench_uniform(store_path: Path, store: TokenSource, ram: MemorySource, keep: set, batch: int,
+                  repeat: int, limit_s: float, rounds: int) -> dict:
+    """The reference's uniform batches (the default) on the same videos: with the RAM token cache
+    (filled from a cold store by the first pass, timed once filled), streamed from the store (cold),
+    and assembled from tokens already in RAM (the cache's ceiling)."""
+    drop_cache(store_path)
+    cached = _uniform(store, store_path, "ram", keep, batch)
+    filling = rate(epochs(cached, 1), limit_s * 4)[0]
+    in_ram = _uniform(ram, store_path, "off", keep, batch)
+    row = {"cache_fill": filling, "cached": 0.0, "ram": 0.0}
+    for _ in range(rounds):  # interleaved, so both see the same load of the shared machine
+        row["cached"] = max(row["cached"], best_rate(lambda: epochs(cached, repeat), 1, limit_s))
+        row["ram"] = max(row["ram"], best_rate(lambda: epochs(in_ram, repeat), 1, limit_s))
+    streamed = _uniform(store, store_path, "off", keep, batch)
+    row["streamed"] = best_rate(lambda: epochs(streamed, repeat), rounds, limit_s, cold=store_path)
+    return row
+
+
+def bench_training(spec: SyntheticSpec, root: Path, preset: str, batch: int, steps: int) -> dict:
+    """Training samples/s on CPU with the preset's model (D=256): the default loader (uniform batches,
+    RAM token cache) -> inputs -> optimizer step."""
+    cfg = synthetic_run_config(spec, preset, [f"batch_size={batch}", "train.num_workers=0"])
     state = build_state(cfg, "cpu")
-    loader = StreamingLoader(root / f"{spec.dataset}.zarr",
-                             LoaderConfig(batch_size=batch, videos_per_batch=pool))
+    store_path = root / f"{spec.dataset}.zarr"
+    store = open_store(store_path)
+    loader = _uniform(store, store_path, "ram", set(store.video_ids()), batch)
     dataset = get_dataset(cfg.dataset)
     generator = torch.Generator().manual_seed(0)
     timed = n = 0
@@ -248,6 +279,22 @@ def report(loader: dict[str, dict], training: dict[str, dict], rss: list[dict], 
                 f"{p['warm']:,.0f} | {p['ram']:,.0f} | {p['warm'] / p['ram']:.2f} | {r['npy']:,.1f} "
                 f"| {p['cold'] / r['npy']:.1f} |"
             )
+    lines += [
+        "",
+        "Uniform batches (the reference's, the default), same videos, batch 32:",
+        "",
+        "| shape | RAM cache q/s | from RAM q/s | cache / RAM (target ≥ 0.9) | streamed cold q/s "
+        "| filling the cache (1st pass, cold) q/s | reference .npy cold q/s "
+        "| cache / .npy (target ≥ 3 on TACoS) | pooled (pool 8) cold q/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in loader.items():
+        u = r["uniform"]
+        lines.append(
+            f"| {name} | {u['cached']:,.0f} | {u['ram']:,.0f} | {u['cached'] / u['ram']:.2f} | "
+            f"{u['streamed']:,.1f} | {u['cache_fill']:,.1f} | {r['npy']:,.1f} | {u['cached'] / r['npy']:.1f} "
+            f"| {r['pools'][8]['cold']:,.0f} |"
+        )
     lines += ["", "| shape | whole-store loader q/s (cold) | queries | store build s |", "|---|---|---|---|"]
     for name, r in loader.items():
         lines.append(f"| {name} | {r['full_store']:,.0f} | {r['full_queries']:,} | {r['build_s']:.0f} |")
@@ -259,7 +306,8 @@ def report(loader: dict[str, dict], training: dict[str, dict], rss: list[dict], 
     for r in rss:
         lines.append(f"| {r['videos']:,} | {r['queries']:,} | {r['store_mb']:.0f} | {r['rss_mb']:.0f} |")
     lines.append(f"\nRSS ratio {rss[-1]['videos']:,} / {rss[0]['videos']:,} videos: "
-                 f"{rss[-1]['rss_mb'] / rss[0]['rss_mb']:.2f}")
+                 f"{rss[-1]['rss_mb'] / rss[0]['rss_mb']:.2f}; peak RSS minus the cached store "
+                 f"(target ≤ 1,536 MB): {max(r['rss_mb'] - r['store_mb'] for r in rss):,.0f} MB")
     return "\n".join(lines)
 
 
@@ -287,8 +335,8 @@ def main() -> None:
         }
         steps = 2 if quick else 6
         training = {
-            "QVHighlights": bench_training(qvh, root, "qvhighlights", 8, 8, steps),
-            "TACoS": bench_training(tacos, root, "tacos", 8, 2, steps),
+            "QVHighlights": bench_training(qvh, root, "qvhighlights", 8, steps),
+            "TACoS": bench_training(tacos, root, "tacos", 8, steps),
         }
         rss = bench_rss(root, (100, 1000) if quick else (1000, 10000))
         print(report(loader, training, rss, time.perf_counter() - start))

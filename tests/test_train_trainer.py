@@ -11,6 +11,7 @@ import torch
 from eval.predictions import read_predictions
 from shards.device import resolve_device
 from shards.errors import CheckpointError, ConfigError, StoreError
+from shards.store import open_store
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import RunConfig, apply_overrides, get_preset
@@ -140,7 +141,7 @@ def test_incompatible_store_is_refused(store, tmp_path):
 
 def test_token_dims_come_from_the_store_and_a_mismatch_is_refused(store, tmp_path):
     def unfilled(*extra: str) -> RunConfig:  # backbone unknown to the table, dims left to the store
-        base = [f"model.layers={SPEC.layers}", *OVERRIDES, *extra]
+        base = [f"model.layers={SPEC.layers}", "train.val_split=val", *OVERRIDES, *extra]
         return apply_overrides(get_preset("tacos", arch=SPEC.backbone), base)
 
     assert unfilled().model.known_token_dims() == (None, None, None)
@@ -194,7 +195,8 @@ def test_cli_trains_and_refuses_to_overwrite(store, tmp_path):
     app = build_app()
     args = ["train", "--preset", "tacos", "--store", str(store), "--out", str(tmp_path / "run")]
     args += ["--device", "cpu"]
-    for item in [f"model.arch={SPEC.backbone}", f"model.layers={SPEC.layers}", *OVERRIDES, "epochs=1"]:
+    fitted = [f"model.arch={SPEC.backbone}", f"model.layers={SPEC.layers}", "train.val_split=val"]
+    for item in [*fitted, *OVERRIDES, "epochs=1"]:
         args += ["--set", item]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
@@ -219,10 +221,12 @@ def test_device_resolution_and_amp_only_on_cuda():
 
 
 def test_loader_memory_bound_is_a_config_knob(store):
-    from train.engine.rundata import train_loader
+    from train.data.loader import StreamingLoader
+    from train.engine.rundata import token_cache, train_loader
 
-    cfg = _cfg(1, "train.loader_memory_gb=0.5")
-    loader = train_loader(store, cfg, "train", keep=set(), pin=False)
-    assert loader.config.max_bytes == 2**29
+    cfg = _cfg(1, "train.loader_memory_gb=0.5", "train.batching=pooled")
+    cache = token_cache(open_store(store), cfg, set(), None, torch.device("cpu"))
+    loader = train_loader(store, cache, cfg, "train", keep=set(), pin=False)
+    assert isinstance(loader, StreamingLoader) and loader.config.max_bytes == 2**29
     with pytest.raises(ConfigError, match="loader_memory_gb"):
         _cfg(1, "train.loader_memory_gb=0")

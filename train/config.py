@@ -151,15 +151,28 @@ class TrainConfig:
         seed: random seed of the run.
         train_split: split of the store's annotations trained on.
         val_split: split validated on (best checkpoint, ``best.json``); ``None``: ``val`` when the store
-            has such queries, else ``test``, else no validation.
+            has such queries, else ``test``, else no validation. The ``tacos`` preset sets ``test``, the
+            split the reference validates on (``train.val_split=val`` selects on TACoS's held-out ``val``).
         val_every: validate every this many epochs.
-        num_workers: loader worker processes.
-        pool_size: videos in flight that each batch draws its queries from, round-robin (the loader's
-            ``videos_per_batch``): a batch spans about ``max(pool_size, batch_size / queries per video)``
-            videos, at most ``batch_size`` (docs/training.md explains the default of 8).
-        loader_memory_gb: bound on the video tokens the training loader holds at once, in GiB; a
-            batch whose videos would exceed it is emitted early with fewer queries. A QVHighlights
-            batch of 128 queries spans ~90-128 videos of 23 MB (ViT-B/32), hence the 4 GiB default.
+        save_every_epoch: also keep every epoch's weights as ``epoch_{N:03d}.pt`` (1-based ``N``, the
+            ``best.pt`` format), as the reference saves every epoch.
+        allow_missing: validate on the queries that have tokens when some annotated queries of the
+            validation split have none (their count is logged and recorded as ``val_missing``); off:
+            such a store is an error, as the reference scores every annotated query.
+        batching: ``uniform`` (default, the reference's): every epoch a uniform shuffle of the training
+            queries (``repeat`` times over), cut into batches of ``batch_size``, the last partial,
+            decided in the main process from (seed, epoch) only; ``pooled`` (opt-in, streams with
+            less I/O): each batch fills round-robin from ``pool_size`` videos in flight, so in-batch
+            negatives are more often queries of the same video (docs/training.md).
+        cache: where the tokens of the run live (:mod:`train.data.cache`): ``auto`` (default: the GPU
+            when they fit, else host RAM when they fit, else stream), ``device``, ``ram`` or ``off``.
+        cache_gb: bound of the cache in GiB (``None``: half of the free GPU / available host memory).
+        num_workers: loader worker processes; they fetch streamed batches (``cache=off`` or pooled),
+            never decide them.
+        pool_size: ``pooled`` batching only: videos in flight that each batch draws its queries from,
+            round-robin: a batch spans about ``max(pool_size, batch_size / queries per video)`` videos.
+        loader_memory_gb: ``pooled`` batching only: bound on the video tokens the loader holds at once,
+            in GiB; a batch whose videos would exceed it is emitted early with fewer queries.
         amp: fp16 autocast + gradient scaling on CUDA (heads and losses stay fp32).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
     """
@@ -171,6 +184,11 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str | None = None
     val_every: int = 1
+    save_every_epoch: bool = False
+    allow_missing: bool = False
+    batching: str = "uniform"
+    cache: str = "auto"
+    cache_gb: float | None = None
     num_workers: int = 2
     pool_size: int = 8
     loader_memory_gb: float = 4.0
@@ -261,7 +279,7 @@ _MR_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tacos": {
         "loss": {"sal_weight": 0.05},
         "optim": {"lr": 2.5e-4, "lr_steps": (50,), "warmup_iters": 500},
-        "train": {"epochs": 100, "batch_size": 32},
+        "train": {"epochs": 100, "batch_size": 32, "val_split": "test"},
     },
 }
 _HD_EPOCHS = {"youtube": 200, "tvsum": 500}
@@ -366,6 +384,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.repeat >= 1 and cfg.train.val_every >= 1, "train.repeat and train.val_every must be >= 1"),
         (cfg.train.pool_size >= 1, "train.pool_size must be >= 1"),
         (cfg.train.loader_memory_gb > 0, "train.loader_memory_gb must be > 0"),
+        (cfg.train.batching in ("uniform", "pooled"), "train.batching must be uniform or pooled"),
+        (cfg.train.cache in ("auto", "device", "ram", "off"), "train.cache must be auto, device, ram or off"),
+        (cfg.train.cache_gb is None or cfg.train.cache_gb > 0, "train.cache_gb must be > 0 or none"),
         (
             bool(cfg.train.train_split) and cfg.train.val_split != "",
             "train.train_split must be a split name and train.val_split a split name or none",

@@ -151,9 +151,10 @@ def make_synthetic_store(path: str | Path, spec: SyntheticSpec) -> FeatureStore:
 def synthetic_run_config(
     spec: SyntheticSpec, preset: str = "tacos", overrides: Sequence[str] = ()
 ) -> RunConfig:
-    """Preset ``preset`` adapted to a synthetic store of ``spec`` (backbone, token dims, layers), then
-    ``overrides``."""
+    """Preset ``preset`` adapted to a synthetic store of ``spec`` (backbone, token dims, layers,
+    validation on its held-out videos, none without them), then ``overrides``."""
     fitted = [
+        f"train.val_split={spec.heldout_split if spec.n_heldout else 'none'}",
         f"model.video_tokens={spec.tokens}",
         f"model.video_width={spec.width}",
         f"model.text_width={spec.text_width}",

@@ -271,7 +271,7 @@ class _Feed:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Buffers:
+class BatchBuffers:
     """Float16 arrays for the padded batch tensors, reused once nothing refers to them any more.
 
     A buffer is handed out again only when the array made from its last use is gone, which means
@@ -310,8 +310,8 @@ class _Buffers:
         return array, torch.from_numpy(array)
 
 
-def _padded(
-    buffers: _Buffers,
+def pad_rows(
+    buffers: BatchBuffers,
     lengths: Sequence[int],
     tail: tuple[int, ...],
     read: Callable[[int, np.ndarray], object],
@@ -374,7 +374,7 @@ class GroupedQueryDataset(IterableDataset):
         if self._opened is None or self._opened[0] != os.getpid():
             src = self._source_arg
             source = open_store(src) if isinstance(src, str | Path) else src
-            selected, skipped = _select(source, self.config.splits, self._filter)
+            selected, skipped = select_queries(source, self.config.splits, self._filter)
             self._opened = (os.getpid(), source, selected, skipped)
         return self._opened[1], self._opened[2], self._opened[3]
 
@@ -419,8 +419,8 @@ class _Assembler:
     def __init__(self, source: TokenSource, config: LoaderConfig, pin: bool) -> None:
         self._source = source
         self._config = config
-        self._video_buffers = _Buffers(pin=pin)
-        self._query_buffers = _Buffers(pin=pin)
+        self._video_buffers = BatchBuffers(pin=pin)
+        self._query_buffers = BatchBuffers(pin=pin)
 
     def batches(self, feed: _Feed, groups: dict[str, list[Query]]) -> Iterator[Batch]:
         cfg = self._config
@@ -456,14 +456,14 @@ class _Assembler:
         source, m = self._source, self._source.manifest
         lives = list(members.values())
         row = {live.vid: i for i, live in enumerate(lives)}
-        video, video_mask = _padded(
+        video, video_mask = pad_rows(
             self._video_buffers,
             [live.tokens.shape[0] for live in lives],
             m.video_shape,
             lambda i, out: np.copyto(out, lives[i].tokens),
         )
         qids = [q.qid for q, _ in picks]
-        query, query_mask = _padded(
+        query, query_mask = pad_rows(
             self._query_buffers,
             [source.query_length(qid) for qid in qids],
             m.query_shape,
@@ -489,7 +489,7 @@ class _Assembler:
         return batch
 
 
-def _select(
+def select_queries(
     source: TokenSource, splits: Sequence[str], query_filter: Callable[[Query], bool] | None
 ) -> tuple[list[Query], dict[str, int]]:
     """Queries to serve, in annotation order, and counts of the skipped ones by reason."""

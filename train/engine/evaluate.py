@@ -5,13 +5,19 @@ no padding and gives exactly the reference's one-query-at-a-time output (padding
 the TEF, the positional encoding, the conv borders and the max over query tokens). Windows are
 clamped to the annotated duration, rounded to the dataset's clip unit and NMS-ed by
 :func:`eval.postprocess.postprocess_for`; scores come from :func:`eval.metrics.evaluate`.
+
+Like the reference, which asserts that every annotated query is predicted, validation refuses a
+split whose queries lack tokens in the store (:func:`check_predictable`) unless missing queries are
+allowed; then it scores the others and reports how many were left out.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,11 +25,16 @@ from eval.metrics import evaluate
 from eval.postprocess import postprocess_for
 from eval.predictions import QueryPrediction
 from shards.datasets import DatasetSpec
+from shards.errors import StoreError
 from shards.schema import Query
+from shards.store import FeatureStore
 from train.config import RunConfig
 from train.data.batching import per_query_targets
 from train.data.loader import Batch, LoaderConfig, StreamingLoader, TokenSource
 from train.model import R2Tuning, decode_sample
+
+log = logging.getLogger(__name__)
+_SHOWN_QIDS = 5
 
 
 @dataclass
@@ -35,12 +46,15 @@ class Validation:
         predictions: one per query, post-processed, in the order the loader served them.
         queries: the ground truth that was scored.
         seconds: wall time of the pass.
+        report: the evaluator's whole result (:func:`eval.metrics.evaluate`; ``metrics`` is its
+            ``brief`` part), empty when nothing was scored.
     """
 
     metrics: dict[str, float]
     predictions: list[QueryPrediction]
     queries: list[Query]
     seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_s(self) -> float:
@@ -87,7 +101,7 @@ def predict_batch(
             raw, saliency = decode_sample(out, j, fps, cfg.model.max_num_moment, cfg.model.merge_cls_sal)
             windows = None if raw is None else postprocess_for(spec, raw.cpu().numpy(), q.duration)
             out_preds[i] = QueryPrediction(
-                qid=q.qid, vid=q.vid, windows=windows, saliency=saliency.double().cpu().numpy()
+                qid=q.qid, vid=q.vid, windows=windows, saliency=saliency.double().cpu().numpy(), query=q.text
             )
     return [p for p in out_preds if p is not None]
 
@@ -123,6 +137,50 @@ def score_predictions(
 
     ``seconds`` is the wall time the predictions took (for :attr:`Validation.samples_per_s`).
     """
-    metrics = flat_metrics(evaluate(dataset, predictions, queries)) if predictions else {}
-    return Validation(metrics, predictions, queries, seconds)
+    report = evaluate(dataset, predictions, queries) if predictions else {}
+    return Validation(flat_metrics(report), predictions, queries, seconds, report)
+
+
+def check_predictable(
+    store: FeatureStore,
+    split: str,
+    query_filter: Callable[[Query], bool] | None = None,
+    allow_missing: bool = False,
+) -> list[Query]:
+    """The annotated queries of ``split`` (kept by ``query_filter``) that validation cannot predict:
+    their video or their query tokens are not in ``store`` (the validation loader skips them).
+
+    With ``allow_missing`` they are returned and their count is logged as a warning; the others are
+    scored. Without it any such query is an error, as in the reference, which asserts that every
+    annotated query is predicted.
+
+    Raises:
+        StoreError: some queries cannot be predicted and ``allow_missing`` is off; the message names
+            the split, the counts, a few qids and the ways out.
+    """
+    videos = set(store.video_ids())
+    annotated = [
+        q for q in store.annotations() if q.split == split and (query_filter is None or query_filter(q))
+    ]
+    no_video = [q for q in annotated if q.vid not in videos]
+    no_query = [q for q in annotated if q.vid in videos and not store.has_query(q.qid)]
+    missing = no_video + no_query
+    if not missing:
+        return []
+    shown = ", ".join(repr(q.qid) for q in missing[:_SHOWN_QIDS]) + (
+        ", ..." if len(missing) > _SHOWN_QIDS else ""
+    )
+    what = (
+        f"{len(missing)} of the {len(annotated)} annotated {split!r} queries of store {store.path} cannot "
+        f"be predicted ({len(no_video)} without video tokens, {len(no_query)} without query tokens; "
+        f"qids {shown})"
+    )
+    if not allow_missing:
+        raise StoreError(
+            f"{what}: the reference scores every annotated query; extract their tokens (r2 extract resumes "
+            "a store), or score the others with --allow-missing (r2 eval) or "
+            "--set train.allow_missing=true (r2 train)"
+        )
+    log.warning("%s; scoring the other %d (missing queries allowed)", what, len(annotated) - len(missing))
+    return missing
 

@@ -31,7 +31,14 @@ from shards.datasets import get_dataset
 from train.config import RunConfig
 from train.data.batching import ModelInputs
 from train.engine.evaluate import predict_batch, score_predictions
-from train.engine.records import Best, EpochStats, end_epoch, record_validation, validation_due
+from train.engine.records import (
+    Best,
+    EpochStats,
+    end_epoch,
+    record_run_end,
+    record_validation,
+    validation_due,
+)
 from train.engine.rng import capture_rng, restore_rng, seed_everything
 from train.engine.rundata import RunData, epoch_inputs
 from train.engine.runlog import RunPaths
@@ -156,12 +163,14 @@ class TrainLoop:
             with self._guard(m):
                 validation = score_predictions(data.spec.name, predictions[id(m)], queries, seconds)
                 records[id(m)].update(
-                    record_validation(m.state, validation, m.best, m.paths, data.identity, data.val_split)
+                    record_validation(m.state, validation, m.best, m.paths, data.identity, data.val_split),
+                    val_missing=data.val_missing,
                 )
 
     def run(self) -> None:
         """Train every model up to ``train.epochs`` epochs, validating every ``train.val_every`` epochs and
-        after the last, and record each epoch (``metrics.jsonl``, ``last.pt``)."""
+        after the last, record each epoch (``metrics.jsonl``, ``last.pt``), and the end of each model's
+        run (``run.json``)."""
         cfg = self.cfg
         for epoch in range(self.members[0].state.epoch, cfg.train.epochs):
             seconds = self._train_epoch(epoch)
@@ -177,4 +186,7 @@ class TrainLoop:
                     end_epoch(m.state, records[id(m)], m.best, m.paths, self.data.identity, m.rng)
             if not self.alive:
                 return
+        for m in self.alive:
+            with self._guard(m):
+                record_run_end(m.paths)
 

@@ -2,9 +2,13 @@
 
 - :class:`EpochStats`: the epoch's optimizer steps -> its metrics-log fields (mean losses, lr, steps,
   skipped steps, samples, samples/s).
-- :class:`Best` and :func:`record_validation`: rank a validation by the key metric (higher is better);
-  a new best writes ``best.pt``, ``best.json`` and ``val_preds.jsonl``.
-- :func:`end_epoch`: append the epoch's record to ``metrics.jsonl`` and write ``last.pt``.
+- :class:`Best` and :func:`record_validation`: rank a validation by the key metric and track the best
+  value of every metric with its epoch (as nncore's EvalHook does; higher is better, :func:`improves`);
+  a new key-metric best writes ``best.pt`` and ``val_preds.jsonl``, every validation ``best.json``.
+- :func:`end_epoch`: append the epoch's record to ``metrics.jsonl``, write ``epoch_{N:03d}.pt``
+  (``train.save_every_epoch``) and ``last.pt``.
+- :func:`run_provenance` / :func:`record_run_end`: what ``run.json`` says about the process that ran
+  (command line, package version, git revision, start, resume and end times, UTC).
 
 The training loop (:mod:`train.engine.loop`) records every model through these functions, so a trial
 of a sweep's shared pass leaves the files a separate run leaves.
@@ -12,7 +16,14 @@ of a sweep's shared pass leaves the files a separate run leaves.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import math
+import shlex
+import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from eval.predictions import write_predictions
@@ -63,30 +74,72 @@ class EpochStats:
         }
 
 
+PACKAGE = "r2tuning-toolkit"
+"""Distribution name whose version ``run.json`` records."""
+
+
+def improves(value: float, best: float | None) -> bool:
+    """Whether ``value`` beats ``best``: the one ranking rule of validations (every headline metric is
+    higher-is-better; a first finite value beats ``None``; ties keep the earlier epoch; NaN never wins)."""
+    return not math.isnan(value) and (best is None or value > best)
+
+
 @dataclass
 class Best:
-    """The best validated epoch so far.
+    """The best validated epoch so far, and the best value of every metric.
 
     Attributes:
-        metric: key metric (higher is better).
+        metric: key metric (higher is better); its best epoch is ``best.pt``.
         value: its best value (``None`` before the first validation).
         epoch: 1-based epoch of that value.
         metrics: all validation metrics of that epoch.
+        per_metric: ``{metric: {"value": best value, "epoch": 1-based epoch}}`` over all validations so
+            far, each metric ranked on its own (nncore's EvalHook).
     """
 
     metric: str
     value: float | None = None
     epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    per_metric: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def update(self, metrics: dict[str, float], epoch: int) -> bool:
+        """Rank the validation ``metrics`` of 1-based ``epoch``; returns whether the key metric improved.
+
+        Raises:
+            ConfigError: ``metrics`` lacks the key metric.
+        """
+        value = key_value(metrics, self.metric)
+        for name, v in metrics.items():
+            held = self.per_metric.get(name)
+            if improves(v, None if held is None else held["value"]):
+                self.per_metric[name] = {"value": v, "epoch": epoch}
+        if not improves(value, self.value):
+            return False
+        self.value, self.epoch, self.metrics = value, epoch, dict(metrics)
+        return True
+
+    def summary(self, split: str) -> dict[str, Any]:
+        """The content of ``best.json``: the key-metric epoch (``epoch``, ``key_metric``, ``value``,
+        ``split``, ``metrics``) and ``per_metric``."""
+        return {
+            "epoch": self.epoch, "key_metric": self.metric, "value": self.value, "split": split,
+            "metrics": self.metrics, "per_metric": self.per_metric,
+        }
 
     def to_meta(self) -> dict[str, Any]:
         """Checkpoint data (``last.pt`` ``meta['best']``)."""
-        return {"metric": self.metric, "value": self.value, "epoch": self.epoch, "metrics": self.metrics}
+        return {
+            "metric": self.metric, "value": self.value, "epoch": self.epoch, "metrics": self.metrics,
+            "per_metric": self.per_metric,
+        }
 
     def load_meta(self, saved: dict[str, Any]) -> None:
-        """Restore from :meth:`to_meta` data (a resumed run)."""
+        """Restore from :meth:`to_meta` data (a resumed run; a ``last.pt`` written before per-metric bests
+        existed restores an empty ``per_metric``)."""
         self.value, self.epoch = saved.get("value"), saved.get("epoch")
         self.metrics = dict(saved.get("metrics") or {})
+        self.per_metric = {name: dict(entry) for name, entry in (saved.get("per_metric") or {}).items()}
 
 
 def validation_due(epochs_done: int, val_every: int, epochs: int) -> bool:
@@ -120,8 +173,9 @@ def record_validation(
 ) -> dict[str, Any]:
     """Rank the validation of ``state``'s model after epoch ``state.epoch`` (1-based, completed).
 
-    A new best updates ``best`` and writes ``best.pt`` (weights, epoch, metrics, store ``identity``,
-    ``split``), ``best.json`` and the predictions ``val_preds.jsonl``.
+    Updates ``best`` (:meth:`Best.update`); a new key-metric best writes ``best.pt`` (weights, epoch,
+    metrics, store ``identity``, ``split``) and the predictions ``val_preds.jsonl``; then ``best.json``
+    (:meth:`Best.summary`) is rewritten, since any metric's best may have changed.
 
     Returns:
         the metrics-log fields ``val`` and ``val_samples_per_s``.
@@ -129,16 +183,12 @@ def record_validation(
     Raises:
         ConfigError: the validation does not report ``best.metric``.
     """
-    value = key_value(validation.metrics, best.metric)
-    if best.value is None or value > best.value:
-        best.value, best.epoch, best.metrics = value, state.epoch, validation.metrics
+    if best.update(validation.metrics, state.epoch):
         write_predictions(paths.val_preds, validation.predictions)
         meta = {"epoch": state.epoch, "metrics": validation.metrics, "store": identity, "split": split}
         save_checkpoint(paths.best, state.model, state.cfg, meta)
-        write_json_atomic(paths.best_json, {
-            "epoch": state.epoch, "key_metric": best.metric, "value": value, "split": split,
-            "metrics": validation.metrics,
-        })
+    if best.epoch is not None:
+        write_json_atomic(paths.best_json, best.summary(split))
     return {"val": validation.metrics, "val_samples_per_s": validation.samples_per_s}
 
 
@@ -150,11 +200,19 @@ def end_epoch(
     identity: dict[str, Any],
     rng: dict[str, Any],
 ) -> None:
-    """Append ``record`` to ``metrics.jsonl``, then write ``last.pt``: weights, optimizer and counters,
-    the generator states ``rng`` (:func:`train.engine.rng.capture_rng`), ``best``, the store ``identity`` and
-    the loader position."""
+    """Append ``record`` to ``metrics.jsonl``; with ``train.save_every_epoch`` write
+    :func:`epoch_checkpoint` (weights, ``epoch``, store ``identity``, and ``metrics`` of the epoch's
+    validation if any: the ``best.pt`` format); then ``last.pt``: weights, optimizer and counters, the
+    generator states ``rng`` (:func:`train.engine.rng.capture_rng`), ``best``, the store ``identity`` and
+    the loader position. The epoch file comes first, so a run resumed after a crash between the two
+    redoes the epoch and writes it again."""
     cfg = state.cfg
     append_metrics(paths.metrics, record)
+    if cfg.train.save_every_epoch:
+        meta = {"epoch": state.epoch, "store": identity}
+        if "val" in record:
+            meta["metrics"] = record["val"]
+        save_checkpoint(epoch_checkpoint(paths, state.epoch), state.model, cfg, meta)
     save_checkpoint(paths.last, state.model, cfg, {
         "train_state": state_meta(state),
         "rng": rng,
@@ -162,3 +220,95 @@ def end_epoch(
         "store": identity,
         "loader": {"seed": cfg.train.seed, "passes_done": state.epoch * cfg.train.repeat},
     })
+
+
+def epoch_checkpoint(paths: RunPaths, epoch: int) -> Path:
+    """``epoch_{epoch:03d}.pt`` in the run directory: the weights after 1-based ``epoch``."""
+    return paths.root / f"epoch_{epoch:03d}.pt"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started this process, for ``run.json``: ``r2 ...`` when it is the ``r2`` command
+    (console script or ``python -m r2``), else a note that the run is a library call and from which
+    program (``argv`` defaults to ``sys.argv``)."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]) if argv else Path()
+    if program.name == "r2" or program.parts[-2:] == ("r2", "__main__.py"):
+        return shlex.join(["r2", *argv[1:]])
+    return f"library call (not the r2 command) in: {shlex.join(argv) or 'python'}"
+
+
+def package_version() -> str:
+    """Installed version of :data:`PACKAGE` (``'unknown'`` when it is not installed)."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def git_revision(root: Path | None = None) -> str | None:
+    """Commit of the git checkout the package runs from, read from ``.git`` without running git (a
+    worktree's ``.git`` file and packed refs included); ``None`` when it is not a checkout (an installed
+    package) or the files cannot be read. ``root`` defaults to the folder holding the package."""
+    root = Path(__file__).resolve().parents[2] if root is None else root
+    try:
+        gitdir = root / ".git"
+        if gitdir.is_file():
+            gitdir = (root / gitdir.read_text(encoding="utf-8").split(":", 1)[1].strip()).resolve()
+        head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head[4:].strip()
+        common = gitdir
+        if (gitdir / "commondir").is_file():
+            common = (gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()).resolve()
+        for base in (gitdir, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text(encoding="utf-8").strip() or None
+        for line in (common / "packed-refs").read_text(encoding="utf-8").splitlines():
+            sha, _, name = line.partition(" ")
+            if name.strip() == ref:
+                return sha
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC to the second (``2025-01-31T12:00:00+00:00``)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_provenance(paths: RunPaths) -> dict[str, Any]:
+    """``run.json`` fields about the process: ``command`` (:func:`command_line`), ``version``
+    (:func:`package_version`), ``git_revision``, ``started_at`` and ``resumed_at`` (UTC, ISO 8601).
+
+    A run directory that already has a ``run.json`` is being resumed: its ``command`` and ``started_at``
+    are kept and this start is appended to ``resumed_at`` (empty for a fresh run; ``started_at`` is
+    ``None`` for a run whose ``run.json`` predates these fields); version and revision are this process's."""
+    now = utc_now()
+    info: dict[str, Any] = {
+        "command": command_line(), "version": package_version(), "git_revision": git_revision(),
+        "started_at": now, "resumed_at": [],
+    }
+    earlier = _read_json(paths.run)
+    if earlier is not None:
+        info["command"] = earlier.get("command", info["command"])
+        info["started_at"] = earlier.get("started_at")
+        info["resumed_at"] = [*(earlier.get("resumed_at") or []), now]
+    return info
+
+
+def record_run_end(paths: RunPaths) -> None:
+    """Add ``ended_at`` (UTC, ISO 8601) to ``run.json`` (rewritten atomically) when the run ends."""
+    info = _read_json(paths.run) or {}
+    write_json_atomic(paths.run, {**info, "ended_at": utc_now()})
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` when it is absent or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

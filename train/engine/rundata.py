@@ -10,7 +10,7 @@ the batches a fresh run sees.
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +27,19 @@ from shards.store import FeatureStore, Manifest, open_store
 from train.compat import config_for_store
 from train.config import RunConfig
 from train.data.batching import ModelInputs, model_inputs
+from train.data.cache import TokenCache, needed_bytes, plan_cache
 from train.data.loader import LoaderConfig, StreamingLoader
 from train.data.targets import query_targets
-from train.engine.evaluate import validation_loader
+from train.data.uniform import UniformLoader
+from train.engine.evaluate import check_predictable, validation_loader
+from train.engine.records import run_provenance
 from train.engine.runlog import RunPaths, write_json_atomic
+from train.engine.schedule import steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+TrainLoader = UniformLoader | StreamingLoader
+"""The training loader: uniform batches (default) or the pooled streaming loader."""
 
 MIN_TRAIN_VIDEO_SECONDS = 5.0
 """Moment-retrieval training skips videos shorter than this (reference ``min_video_len``)."""
@@ -92,8 +101,41 @@ def choose_val_split(store: FeatureStore, cfg: RunConfig) -> str | None:
     return wanted
 
 
-def train_loader(store_path: str | Path, cfg: RunConfig, split: str, keep: set, pin: bool) -> StreamingLoader:
-    """Shuffled streaming loader over the trainable queries of ``split``."""
+def token_cache(
+    store: FeatureStore, cfg: RunConfig, keep: set, val_split: str | None, device: torch.device
+) -> TokenCache:
+    """The run's token cache (``train.cache``, ``train.cache_gb``), sized for the trainable queries
+    ``keep`` and the ``val_split`` queries; says where the tokens live in one log line."""
+    in_domain = domain_filter(cfg)
+    videos = set(store.video_ids())
+    used = [
+        q for q in store.annotations()
+        if q.qid in keep
+        or (q.split == val_split and q.vid in videos and store.has_query(q.qid)
+            and (in_domain is None or in_domain(q)))
+    ]
+    plan = plan_cache(cfg.train.cache, cfg.train.cache_gb, needed_bytes(store, used), device)
+    log.info(plan.describe())
+    return TokenCache(store, plan)
+
+
+def train_loader(
+    store_path: str | Path, cache: TokenCache, cfg: RunConfig, split: str, keep: set, pin: bool
+) -> TrainLoader:
+    """Shuffled loader over the trainable queries of ``split``: the reference's uniform batches
+    (``train.batching=uniform``) read through ``cache``, or the pooled streaming loader (``pooled``)."""
+    if cfg.train.batching == "uniform":
+        return UniformLoader(
+            cache,
+            store_path,
+            cfg.train.batch_size,
+            repeat=cfg.train.repeat,
+            seed=cfg.train.seed,
+            splits=(split,),
+            query_filter=_TrainableQueries(keep),
+            num_workers=cfg.train.num_workers,
+            pin_memory=pin,
+        )
     config = LoaderConfig(
         batch_size=cfg.train.batch_size,
         videos_per_batch=cfg.train.pool_size,
@@ -103,7 +145,8 @@ def train_loader(store_path: str | Path, cfg: RunConfig, split: str, keep: set, 
         num_workers=cfg.train.num_workers,
         max_bytes=int(cfg.train.loader_memory_gb * 2**30),
     )
-    return StreamingLoader(store_path, config, query_filter=_TrainableQueries(keep), pin_memory=pin)
+    source = store_path if cache.plan.mode == "off" else cache
+    return StreamingLoader(source, config, query_filter=_TrainableQueries(keep), pin_memory=pin)
 
 
 @dataclass
@@ -121,6 +164,7 @@ class RunData:
         val_split: split validated on (``None``: no validation).
         loader: shuffled loader over the trainable queries of ``train_split``.
         val_loader: loader over ``val_split`` (``None`` without validation or without queries).
+        val_missing: annotated ``val_split`` queries without tokens, left out (``train.allow_missing``).
     """
 
     store_path: str | Path
@@ -130,16 +174,19 @@ class RunData:
     device: torch.device
     train_split: str
     val_split: str | None
-    loader: StreamingLoader
+    loader: TrainLoader
     val_loader: StreamingLoader | None
+    val_missing: int = 0
 
     def steps_per_epoch(self, cfg: RunConfig) -> int:
-        """Optimizer steps of one epoch: ``ceil(queries x train.repeat / train.batch_size)``."""
-        return math.ceil(self.loader.num_queries * cfg.train.repeat / cfg.train.batch_size)
+        """Optimizer steps of one epoch (:func:`train.engine.schedule.steps_per_epoch`)."""
+        return steps_per_epoch(self.loader.num_queries, cfg)
 
     def write_run_info(self, paths: RunPaths, cfg: RunConfig, amp: bool) -> None:
         """Write ``config.json`` (the resolved ``cfg``) and ``run.json`` (store, splits, seed, device,
-        AMP)."""
+        AMP, and the process: command line, package version, git revision, start and resume times,
+        :func:`train.engine.records.run_provenance`; the end time is added when the run ends)."""
+        provenance = run_provenance(paths)
         write_json_atomic(paths.config, cfg.to_dict())
         write_json_atomic(paths.run, {
             "store": str(Path(self.store_path).resolve()),
@@ -150,6 +197,7 @@ class RunData:
             "seed": cfg.train.seed,
             "device": str(self.device),
             "amp": amp,
+            **provenance,
         })
 
 
@@ -160,7 +208,8 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
         ``cfg`` with the store's token dims (:func:`train.compat.config_for_store`), and the data.
 
     Raises:
-        StoreError: missing store, or one that does not fit ``cfg``.
+        StoreError: missing store, one that does not fit ``cfg``, or annotated validation queries without
+            tokens (unless ``train.allow_missing``).
         ConfigError: unknown device, no trainable queries in ``train.train_split``, or a
             ``train.val_split`` the store does not have.
     """
@@ -176,9 +225,11 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
             + "; check train.train_split and the annotations"
         )
     val_split = choose_val_split(store, cfg)
-    val_loader = None
+    cache = token_cache(store, cfg, keep, val_split, torch_device)
+    val_loader, val_missing = None, 0
     if val_split is not None:
-        val_loader = validation_loader(store_path, cfg, val_split, query_filter=domain_filter(cfg))
+        val_missing = len(check_predictable(store, val_split, domain_filter(cfg), cfg.train.allow_missing))
+        val_loader = validation_loader(cache, cfg, val_split, query_filter=domain_filter(cfg))
         val_loader = val_loader if val_loader.num_queries else None
     data = RunData(
         store_path=store_path,
@@ -188,8 +239,9 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
         device=torch_device,
         train_split=split,
         val_split=val_split,
-        loader=train_loader(store_path, cfg, split, keep, pin=torch_device.type == "cuda"),
+        loader=train_loader(store_path, cache, cfg, split, keep, pin=torch_device.type == "cuda"),
         val_loader=val_loader,
+        val_missing=val_missing,
     )
     return cfg, data
 
@@ -201,12 +253,14 @@ def pos_clip_generator(seed: int, pass_index: int) -> torch.Generator:
 
 
 def epoch_inputs(
-    loader: StreamingLoader, cfg: RunConfig, spec: DatasetSpec, device: torch.device, epoch: int
+    loader: TrainLoader, cfg: RunConfig, spec: DatasetSpec, device: torch.device, epoch: int
 ) -> Iterator[tuple[ModelInputs, int]]:
-    """Model inputs of every batch of 0-based ``epoch`` (``cfg.train.repeat`` passes of ``loader``) with the
-    number of queries in the batch. The order and the positive-clip draws depend on (seed, pass) only."""
-    for r in range(cfg.train.repeat):
-        pass_index = epoch * cfg.train.repeat + r
+    """Model inputs of every batch of 0-based ``epoch`` with the number of queries in the batch: one
+    pass of a :class:`UniformLoader` (it repeats the queries itself), ``cfg.train.repeat`` passes of the
+    pooled loader. The order and the positive-clip draws depend on (seed, pass) only."""
+    passes = 1 if isinstance(loader, UniformLoader) else cfg.train.repeat
+    for r in range(passes):
+        pass_index = epoch * passes + r
         loader.set_epoch(pass_index)
         generator = pos_clip_generator(cfg.train.seed, pass_index)
         for batch in loader:

@@ -3,12 +3,13 @@
 Layout of ``RUN_DIR``::
 
     config.json       resolved RunConfig (RunConfig.from_dict reads it back)
-    run.json          store path + manifest, splits, device, seed of the run
+    run.json          store path + manifest, splits, seed, device, command, version, git revision, times
     metrics.jsonl     one JSON object per completed epoch (train losses, lr, samples/s, val metrics)
     last.pt           checkpoint after the last completed epoch (weights + optimizer + RNG states)
-    best.pt           checkpoint of the best validation epoch (key metric of the preset)
-    best.json         that epoch's metrics
+    best.pt           checkpoint of the best validation epoch (the dataset's key metric)
+    best.json         that epoch's metrics, and the best value and epoch of every metric
     val_preds.jsonl   that epoch's validation predictions (QVHighlights submission format)
+    epoch_NNN.pt      every epoch's weights (``train.save_every_epoch`` only)
 """
 
 from __future__ import annotations

@@ -23,10 +23,21 @@ from train.config import RunConfig
 from train.engine.loop import Member, TrainLoop, new_member
 from train.engine.rundata import open_run_data
 from train.engine.runlog import RunPaths, prepare_run_dir, read_metrics, truncate_metrics
+from train.engine.schedule import warn_short_warmup
 from train.engine.step import load_state_meta
 
-RESUMABLE_CHANGES = ("train.epochs", "train.val_every", "train.num_workers", "train.device")
-"""Config keys that may differ when a run is resumed (everything else must match the checkpoint)."""
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.val_every",
+    "train.num_workers",
+    "train.device",
+    "train.cache",
+    "train.cache_gb",
+    "train.allow_missing",
+    "train.save_every_epoch",
+)
+"""Config keys that may differ when a run is resumed (they change neither the batches nor the steps;
+everything else must match the checkpoint)."""
 
 
 @dataclass
@@ -133,7 +144,9 @@ def train_run(
         resume: continue the run in ``out_dir`` from its ``last.pt`` (a fresh start when ``out_dir``
             is empty); ``cfg`` may differ from the stored config only in :data:`RESUMABLE_CHANGES`.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; fp16 AMP runs on CUDA when ``cfg.train.amp``.
-        progress: show tqdm bars on stderr.
+        progress: show tqdm bars on stderr and log the warning of a run that never leaves the warm-up
+            (:func:`train.engine.schedule.warn_short_warmup`); a sweep's trials turn both off (the sweep
+            warns once for all its trials).
 
     Raises:
         RunDirError: ``out_dir`` holds an earlier run and ``resume`` is off.
@@ -149,6 +162,8 @@ def train_run(
         _resume(paths, cfg, store_path, member)
         truncate_metrics(paths.metrics, member.state.epoch)
     data.write_run_info(paths, cfg, member.state.amp)
+    if progress:
+        warn_short_warmup([(cfg, data.steps_per_epoch(cfg))])
     TrainLoop(data, [member], progress=progress).run()
     best = member.best
 

@@ -1,9 +1,9 @@
 """``r2 sweep``: a hyper-parameter sweep over a feature store (grid, random search or a spec file).
 
-Thin layer over :mod:`train.sweep`: parse options, print progress lines, the ranked table and the best
-``r2 train`` command. Exit status: 0 when every trial finished, 1 when some failed (their errors are in
-the table and in each trial's ``error.txt``), 130 when interrupted (finished trials are kept; re-run
-the same command to continue).
+Thin layer over :mod:`train.sweep`: parse options, print progress lines, the ranked table (mean ± std
+over seeds per configuration with ``--seeds N``) and the best configuration's ``r2 train`` command.
+Exit status: 0 when every trial finished, 1 when some failed (their errors are in the table and in each
+trial's ``error.txt``), 130 when interrupted (finished trials are kept; re-run the same command to continue).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_command, format_table
+from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_summary, format_table
 from train.sweep.runner import SHARED_PASS_MODES, SweepError, plan_sweep, run_sweep
 from train.sweep.spec import build_spec
 from train.sweep.trials import TrialRecord
@@ -36,6 +36,10 @@ def sweep(
     fixed: list[str] = typer.Option([], "--set", help="KEY=VALUE fixed for every trial; repeatable."),
     out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/PRESET)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the random draws (default 0)."),
+    seeds: int | None = typer.Option(
+        None, "--seeds", help="Train every configuration with N training seeds (the preset's seed, or "
+        "--set seed=S, and the next N-1); report mean ± std over them."
+    ),
     workers: int | None = typer.Option(
         None, "--workers", help="LocalCluster worker processes (default: one per core or GPU); 0 = run here."
     ),
@@ -48,14 +52,19 @@ def sweep(
         "auto", "--shared-pass", help="Train compatible trials on one shared data pass: auto, on, off."
     ),
 ) -> None:
-    """Run a hyper-parameter sweep: one trial per configuration, ranked by the preset's key metric."""
+    """Run a hyper-parameter sweep: one trial per configuration and seed, ranked by the preset's key metric
+    (its mean over the seeds)."""
     if shared_pass not in SHARED_PASS_MODES:
         raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
     sweep_spec = build_spec(spec_file=spec, preset=preset, store=store, grid=grid, ranges=ranges,
-                            n_random=n_random, fixed=fixed, seed=seed)
+                            n_random=n_random, fixed=fixed, seed=seed, seeds=seeds)
     plan = plan_sweep(sweep_spec, out, device=device)
+    from train.engine.schedule import warn_sweep_warmup  # torch: only once a sweep runs
+
+    warn_sweep_warmup(plan.preset, plan.store, [r.override_list() for r in plan.requests])
     total = len(plan.requests)
-    typer.echo(f"sweep of {plan.preset}: {total} trials -> {plan.out_dir}")
+    per_config = f" ({sweep_spec.n_seeds} seeds per configuration)" if sweep_spec.n_seeds else ""
+    typer.echo(f"sweep of {plan.preset}: {total} trials{per_config} -> {plan.out_dir}")
     seen = 0
 
     def report(record: TrialRecord) -> None:
@@ -78,9 +87,9 @@ def sweep(
         raise typer.Exit(130) from None
     typer.echo("")
     typer.echo(format_table(result))
-    best = result.best()
-    if best is not None:
-        typer.echo(f"\nbest: {best.name}\n  {best_command(result)}")
+    summary = best_summary(result)
+    if summary is not None:
+        typer.echo(f"\n{summary}")
     files = [RESULTS_CSV, RESULTS_JSON] + ([PLOT_FILE] if (plan.out_dir / PLOT_FILE).exists() else [])
     typer.echo(f"results: {', '.join(str(plan.out_dir / f) for f in files)}")
     counts = result.counts()

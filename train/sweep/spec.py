@@ -12,6 +12,12 @@ Syntax (command line and spec files alike):
   ``epochs=5:20`` uniform int (both bounds written as integers; add ``:float`` to force floats,
   ``:int`` to force ints); ``batch_size=8:64:log`` log-uniform int; ``norm=a,b,c`` a uniform choice.
 - set: ``epochs=3`` -- fixed for every trial.
+- seeds: ``--seeds N`` -- every configuration is trained with the N training seeds ``S, S+1, ..., S+N-1``
+  (``S``: ``--set seed=S`` if given, else the preset's ``train.seed``, 42), so ``--seeds 1`` is the plain
+  ``r2 train`` run. The seed is the trial's last override (key ``seed``), varying fastest.
+
+Trials that differ only in their training seed (``seed`` / ``train.seed``, from ``--seeds`` or listed in a
+grid or range) are one *configuration*: the results report its mean, std and number of seeds.
 
 Expansion: the grid is the Cartesian product of its lists (first key varies slowest). With ``--random N``
 each of the N random draws is combined with every grid point (N x |grid| trials); without ranges the
@@ -20,7 +26,7 @@ the order the ranges were given, so the same seed gives the same trials.
 
 A spec file is JSON (``.json``) or TOML (``.toml``)::
 
-    {"preset": "charades", "store": "cache/charades.zarr", "seed": 0,
+    {"preset": "charades", "store": "cache/charades.zarr", "seed": 0, "seeds": 3,
      "set": {"epochs": 3},
      "grid": {"lr": [1e-4, 2.5e-4], "loss_sal": "0.05,0.1"},
      "random": {"n": 8, "ranges": {"model.dropout": "0.1:0.5", "wd": {"low": 1e-5, "high": 1e-3, "log": true},
@@ -42,7 +48,11 @@ import numpy as np
 
 from shards.errors import ConfigError
 
-_FILE_KEYS = ("preset", "store", "seed", "set", "grid", "random")
+_FILE_KEYS = ("preset", "store", "seed", "seeds", "set", "grid", "random")
+SEED_KEY = "seed"
+"""Override key of the training seed in the trials of ``--seeds N``."""
+SEED_KEYS = (SEED_KEY, "train.seed")
+"""Override keys naming the training seed: trials that differ only in these are one configuration."""
 _SAMPLE_DIGITS = 4
 """Significant digits kept from a random float draw (readable names, exact re-runs via the text)."""
 
@@ -98,6 +108,8 @@ class SweepSpec:
         n_random: number of random draws (0: grid only).
         fixed: ``{key: value text}`` applied to every trial before its own overrides.
         seed: seed of the random draws (not the training seed; set that with ``--set seed=...``).
+        n_seeds: training seeds per configuration (``--seeds N``; 0: the seed is not swept this way).
+        seed_base: first training seed of ``--seeds`` (``None``: the preset's ``train.seed``).
     """
 
     preset: str | None = None
@@ -107,10 +119,21 @@ class SweepSpec:
     n_random: int = 0
     fixed: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    n_seeds: int = 0
+    seed_base: int | None = None
 
     def swept_keys(self) -> list[str]:
         """Keys that vary between trials: grid keys first, then range keys."""
         return list(self.grid) + [k for k in self.ranges if k not in self.grid]
+
+    def config_keys(self) -> list[str]:
+        """Swept keys that make configurations: :meth:`swept_keys` without the training seed."""
+        return [k for k in self.swept_keys() if k not in SEED_KEYS]
+
+    def seeded(self) -> bool:
+        """Whether the training seed varies (``--seeds N`` or a seed key in the grid / ranges): the
+        results then report configurations (mean, std, n over seeds) instead of single trials."""
+        return self.n_seeds > 0 or len(self.config_keys()) < len(self.swept_keys())
 
     def log_keys(self) -> set[str]:
         """Keys searched on a log scale (their plots get a log x-axis)."""
@@ -241,6 +264,13 @@ def _file_range(name: str, value: Any, where: str) -> ParamRange:
     raise SweepSpecError(f"{where}: range {name!r} must be a string, a list of choices or a table")
 
 
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SweepSpecError(f"{where}: {value!r} must be a number of seeds (explicit seeds go in the grid: "
+                             '"grid": {"seed": [1, 2, 3]})')
+    return value
+
+
 def load_spec_file(path: str | Path) -> SweepSpec:
     """Read a JSON or TOML sweep spec (see the module docstring for the schema)."""
     path = Path(path)
@@ -262,7 +292,8 @@ def load_spec_file(path: str | Path) -> SweepSpec:
     unknown = set(data) - set(_FILE_KEYS)
     if unknown:
         raise SweepSpecError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {', '.join(_FILE_KEYS)}")
-    spec = SweepSpec(preset=data.get("preset"), store=data.get("store"), seed=int(data.get("seed", 0)))
+    spec = SweepSpec(preset=data.get("preset"), store=data.get("store"), seed=int(data.get("seed", 0)),
+                     n_seeds=_count(data.get("seeds", 0), f"{where}: 'seeds'"))
     for key, value in dict(data.get("set", {})).items():
         spec.fixed[key] = value_text(value)
     for key, value in dict(data.get("grid", {})).items():
@@ -289,13 +320,19 @@ def build_spec(
     n_random: int | None = None,
     fixed: Sequence[str] = (),
     seed: int | None = None,
+    seeds: int | None = None,
 ) -> SweepSpec:
-    """Merge a spec file (if any) with command-line texts; command-line values win, key by key."""
+    """Merge a spec file (if any) with command-line texts; command-line values win, key by key.
+
+    With ``seeds`` (or ``seeds`` in the file) a fixed training seed (``--set seed=S``) becomes the first
+    of the ``seeds`` seeds (:attr:`SweepSpec.seed_base`) instead of an override.
+    """
     spec = load_spec_file(spec_file) if spec_file else SweepSpec()
     spec.preset = preset or spec.preset
     spec.store = store or spec.store
     spec.seed = spec.seed if seed is None else seed
     spec.n_random = spec.n_random if n_random is None else n_random
+    spec.n_seeds = spec.n_seeds if seeds is None else seeds
     for text in fixed:
         key, value = parse_set(text)
         spec.fixed[key] = value
@@ -306,6 +343,12 @@ def build_spec(
         rng = parse_range(text)
         spec.ranges[rng.name] = rng
     validate_spec(spec)
+    if spec.n_seeds:
+        for key in [k for k in SEED_KEYS if k in spec.fixed]:
+            text = spec.fixed.pop(key)
+            if not _is_int_literal(text):
+                raise SweepSpecError(f"--set {key}={text}: a training seed is a whole number")
+            spec.seed_base = int(text)
     return spec
 
 
@@ -325,19 +368,54 @@ def validate_spec(spec: SweepSpec) -> None:
         raise SweepSpecError("--range given without --random N: say how many random trials to draw")
     if spec.n_random and not spec.ranges:
         raise SweepSpecError(f"--random {spec.n_random} given without any --range KEY=LOW:HIGH")
-    if not spec.grid and not spec.ranges:
-        raise SweepSpecError("nothing to sweep: give --grid KEY=V1,V2 and/or --random N with --range ...")
+    if spec.n_seeds < 0:
+        raise SweepSpecError(f"--seeds {spec.n_seeds}: must be >= 1 (or 0: no seed sweep)")
+    swept_seeds = [k for k in spec.swept_keys() if k in SEED_KEYS]
+    if spec.n_seeds and swept_seeds:
+        raise SweepSpecError(f"--seeds {spec.n_seeds} and {swept_seeds[0]} in --grid/--range both set the "
+                             "training seeds; keep one")
+    if len([k for k in SEED_KEYS if k in spec.fixed]) > 1:
+        raise SweepSpecError(f"--set gives the training seed twice ({' and '.join(SEED_KEYS)}); keep one")
+    if not spec.grid and not spec.ranges and not spec.n_seeds:
+        raise SweepSpecError("nothing to sweep: give --grid KEY=V1,V2 and/or --random N with --range ... "
+                             "and/or --seeds N")
+
+
+def seed_values(spec: SweepSpec) -> list[str]:
+    """The training seeds of ``--seeds N`` as override texts: ``base, base+1, ..., base+N-1`` with
+    ``base`` = :attr:`SweepSpec.seed_base`, else the preset's ``train.seed``; ``[]`` without ``--seeds``."""
+    if not spec.n_seeds:
+        return []
+    base = spec.seed_base
+    if base is None:
+        from train.config import get_preset
+
+        base = get_preset(spec.preset or "").train.seed
+    return [str(base + i) for i in range(spec.n_seeds)]
+
+
+def config_params(params: dict[str, str]) -> dict[str, str]:
+    """A trial's swept overrides without the training seed: what names its configuration."""
+    return {k: v for k, v in params.items() if k not in SEED_KEYS}
+
+
+def seed_of(params: dict[str, str]) -> str | None:
+    """The training seed among a trial's swept overrides (text), or ``None`` when it is not swept."""
+    return next((params[k] for k in SEED_KEYS if k in params), None)
 
 
 def expand(spec: SweepSpec) -> list[dict[str, str]]:
-    """All trials of ``spec`` as override dicts (swept keys only), in a deterministic order."""
+    """All trials of ``spec`` as override dicts (swept keys only), in a deterministic order; with
+    ``--seeds N`` each configuration's N trials follow one another (``seed`` last, varying fastest)."""
     combos = itertools.product(*spec.grid.values())
-    grid_points = [dict(zip(spec.grid, combo, strict=True)) for combo in combos]
-    if not spec.ranges:
-        return grid_points
-    rng = np.random.default_rng(spec.seed)
-    trials: list[dict[str, str]] = []
-    for _ in range(spec.n_random):
-        draw = {name: r.sample(rng) for name, r in spec.ranges.items()}
-        trials.extend({**point, **draw} for point in grid_points)
-    return trials
+    trials = [dict(zip(spec.grid, combo, strict=True)) for combo in combos]
+    if spec.ranges:
+        rng = np.random.default_rng(spec.seed)
+        grid_points, trials = trials, []
+        for _ in range(spec.n_random):
+            draw = {name: r.sample(rng) for name, r in spec.ranges.items()}
+            trials.extend({**point, **draw} for point in grid_points)
+    seeds = seed_values(spec)
+    if not seeds:
+        return trials
+    return [{**trial, SEED_KEY: seed} for trial in trials for seed in seeds]
