@@ -137,15 +137,15 @@ def test_ctrl_c_keeps_finished_trials_and_a_rerun_finishes_the_rest(tmp_path):
     store.mkdir()
     proc = subprocess.Popen([sys.executable, str(script), str(store), str(out)], stderr=subprocess.PIPE,
                             start_new_session=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not (list(out.glob("trial-002_*/started")) and len(list(out.glob(f"*/{DONE_FILE}"))) == 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: the whole process group
-    assert proc.wait(timeout=30) != 0
+    assert proc.wait(timeout=120) != 0          # a generous deadline: a loaded CI machine is slow
     stderr = proc.stderr.read().decode()
     assert "KeyboardInterrupt" in stderr and stderr.count("Traceback") == 1   # workers stayed quiet
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while _group_alive(proc.pid) and time.monotonic() < deadline:        # dask workers are gone too
         time.sleep(0.1)
     assert not _group_alive(proc.pid)
