@@ -17,11 +17,11 @@ if TYPE_CHECKING:
     from r2.predict import VideoPrediction
 
 def _submission_record(qid: int | str, vid: str, result: VideoPrediction) -> dict[str, Any]:
-    """One line of the submission format ``r2 eval`` reads (:mod:`eval.predictions`) plus the
-    ``query`` text; seconds and scores to 4 decimals."""
+    """One line of the submission format ``r2 eval`` reads (:mod:`eval.predictions`), with the
+    ``query`` text, keys in the official order; seconds and scores to 4 decimals."""
     windows = np.round(result.moments.astype(np.float64), 4)
     saliency = np.round(result.saliency.astype(np.float64), 4)
-    return {**QueryPrediction(qid, vid, windows, saliency).to_dict(), "query": result.query}
+    return QueryPrediction(qid, vid, windows, saliency, query=result.query).to_dict()
 
 
 def predict(

@@ -22,7 +22,9 @@ from shards.store import open_store
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.config import RunConfig, apply_overrides, get_preset
 from train.data.batching import ModelInputs, model_inputs
+from train.data.cache import CachePlan, TokenCache
 from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.uniform import UniformLoader
 from train.engine.step import TrainState, build_state, train_step
 from train.engine.trainer import train_run
 
@@ -203,3 +205,24 @@ def test_sample_store_train_and_predict_on_cuda(tmp_path) -> None:
     assert prediction.saliency.shape == (clips,) and np.isfinite(prediction.saliency).all()
     assert len(prediction.moments) > 0 and np.isfinite(prediction.moments).all()
     assert (prediction.moments[:, 0] >= 0).all() and (prediction.moments[:, 1] <= video.duration).all()
+
+
+def test_device_cache_gathers_batches_on_the_gpu_like_the_host_path(tiny_store) -> None:
+    store = open_store(tiny_store)
+    gpu = TokenCache(store, CachePlan("device", torch.device("cuda"), 2**30, 0))
+    host = TokenCache(store, CachePlan("ram", torch.device("cpu"), 2**30, 0))
+    loaders = [UniformLoader(c, tiny_store, batch_size=4, seed=1, splits=()) for c in (gpu, host)]
+    for on_gpu, on_host in zip(*loaders, strict=True):
+        assert on_gpu.video.is_cuda and not on_host.video.is_cuda
+        assert torch.equal(on_gpu.video.cpu(), on_host.video) and on_gpu.vids == on_host.vids
+    assert gpu.disk_reads == len(store.video_ids())
+
+
+def test_amp_training_with_the_device_cache_matches_the_steps_of_the_ram_cache(tiny_store, tmp_path) -> None:
+    steps = {}
+    for mode in ("device", "ram"):
+        cfg = apply_overrides(_cfg(), ["epochs=2", f"train.cache={mode}"])
+        result = train_run(cfg, tiny_store, tmp_path / mode, device="cuda", progress=False)
+        steps[mode] = [h["steps"] for h in result.history]
+        assert all(np.isfinite(h["train"]["loss"]) for h in result.history)
+    assert steps["device"] == steps["ram"]
