@@ -104,10 +104,13 @@ def test_local_cluster_with_two_workers_runs_every_trial(tmp_path):
 
 _INTERRUPTED = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from train.sweep.runner import plan_sweep, run_sweep
     from train.sweep.spec import build_spec
+
+    # as in a terminal, even when the test runs as a background job (which inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def trial(request):
         if request.index >= 2:
