@@ -15,6 +15,7 @@ from eval.predictions import read_predictions
 from r2.cli import build_app
 from shards.errors import ConfigError, StoreError
 from shards.schema import Query
+from tests.helpers.fixtures import synthetic_store_fixture
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.checkpoint import save_checkpoint
 from train.engine.evaluate import flat_metrics
@@ -39,11 +40,7 @@ def r2_eval(*args: str | Path):
     return runner.invoke(build_app(), ["eval", *map(str, args)])
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    make_synthetic_store(path, SPEC)
-    return path
+store = synthetic_store_fixture(SPEC)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from r2.cli import build_app
-from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from tests.helpers.fixtures import synthetic_store_fixture
+from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
 from train.config import RunConfig, apply_overrides, get_preset, preset_names
 from train.engine.records import command_line, git_revision, package_version
 from train.engine.rundata import choose_val_split
@@ -34,11 +35,7 @@ WARNING = "never leaves the learning-rate warm-up"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    make_synthetic_store(path, SPEC)
-    return path
+store = synthetic_store_fixture(SPEC)
 
 
 def _cfg(*extra: str) -> RunConfig:

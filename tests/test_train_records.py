@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import train.engine.loop as loop_module
-from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from tests.helpers.fixtures import synthetic_store_fixture
+from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
 from train.checkpoint import load_checkpoint
 from train.config import RunConfig
 from train.engine.evaluate import Validation
@@ -36,11 +36,7 @@ EXPECTED = {  # ties keep the earlier epoch (the key metric's 40 at epoch 2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    make_synthetic_store(path, SPEC)
-    return path
+store = synthetic_store_fixture(SPEC)
 
 
 def _cfg(epochs: int, *extra: str) -> RunConfig:

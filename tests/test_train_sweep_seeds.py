@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from shards.datasets import get_dataset
-from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
+from tests.helpers.fixtures import synthetic_store_fixture
+from tests.helpers.synthetic import SyntheticSpec
 from train.config import get_preset
 from train.sweep.config import request_config
 from train.sweep.results import best_command, best_summary, format_table
@@ -187,12 +188,10 @@ def test_one_trial_per_configuration_keeps_the_trial_view(tmp_path):
     assert json.loads((plan.out_dir / "results.json").read_text())["seeded"] is False
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("seeds") / "tiny.zarr"
-    spec = SyntheticSpec(n_videos=6, n_heldout=2, clips=16, dataset="tacos", heldout_split="test")
-    make_synthetic_store(path, spec)
-    return str(path)
+# held out as `test`, the split the tacos preset validates on
+store = synthetic_store_fixture(
+    SyntheticSpec(n_videos=6, n_heldout=2, clips=16, dataset="tacos", heldout_split="test")
+)
 
 
 TINY = ["batch_size=4", "model.dims=32", "model.heads=4", "model.layers=2", "warmup=0", "epochs=1"]

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from shards.datasets import get_dataset
-from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
+from tests.helpers.fixtures import synthetic_store_fixture
+from tests.helpers.synthetic import SyntheticSpec
 from train.checkpoint import read_checkpoint
 from train.engine.trainer import train_run
 from train.sweep.config import request_config
@@ -26,12 +27,10 @@ TIMING = {"samples_per_s", "train_seconds", "val_samples_per_s"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("shared") / "tiny.zarr"
-    spec = SyntheticSpec(n_videos=6, n_heldout=2, clips=16, dataset="tacos", heldout_split="test")
-    make_synthetic_store(path, spec)  # held out as `test`, the split the tacos preset validates on
-    return str(path)
+# held out as `test`, the split the tacos preset validates on
+store = synthetic_store_fixture(
+    SyntheticSpec(n_videos=6, n_heldout=2, clips=16, dataset="tacos", heldout_split="test")
+)
 
 
 def _request(index: int, root: Path, store: str, extra: list[str]) -> TrialRequest:

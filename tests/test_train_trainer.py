@@ -12,6 +12,7 @@ from eval.predictions import read_predictions
 from shards.device import resolve_device
 from shards.errors import CheckpointError, ConfigError, StoreError
 from shards.store import open_store
+from tests.helpers.fixtures import synthetic_store_fixture
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import RunConfig, apply_overrides, get_preset
@@ -37,11 +38,7 @@ OVERRIDES = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    make_synthetic_store(path, SPEC)
-    return path
+store = synthetic_store_fixture(SPEC)
 
 
 def _cfg(epochs: int, *extra: str) -> RunConfig:

@@ -13,7 +13,8 @@ import torch
 
 from shards.errors import ConfigError
 from shards.store import open_store
-from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from tests.helpers.fixtures import synthetic_store_fixture
+from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
 from train.checkpoint import read_checkpoint
 from train.data.cache import CachePlan, TokenCache, plan_cache
 from train.data.uniform import BatchAssembler, UniformLoader, uniform_batches
@@ -29,11 +30,7 @@ TACOS_SHAPE = SyntheticSpec(
 TINY = ["epochs=2", "batch_size=8", "model.dims=16", "model.heads=2", "warmup=2", "train.num_workers=0"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("uniform") / "tacos.zarr"
-    make_synthetic_store(path, TACOS_SHAPE)
-    return path
+store = synthetic_store_fixture(TACOS_SHAPE)
 
 
 def _cache(store: Path, mode: str = "ram") -> TokenCache:
