@@ -12,6 +12,10 @@ are built with QuickGELU (the activation OpenAI's weights were trained with, ope
 
 The weights are fingerprinted with :func:`weights_sha256`; the store records it so features
 made with different weights never mix.
+
+The towers compute in fp32 by default on every device, as the reference does (its tokens are
+stored as fp16 afterwards, as ours are); ``precision="fp16"`` runs them under fp16 autocast
+instead (faster on GPUs, tokens drift slightly: see docs/extract.md). The store records which.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ import torch
 
 from shards.backbones import get_backbone
 from shards.device import resolve_device
-from shards.errors import R2Error
+from shards.errors import ConfigError, R2Error
 from shards.manifest import Manifest, make_manifest
 
 log = logging.getLogger(__name__)
 
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+PRECISIONS = ("fp32", "fp16")
+"""What the CLIP towers may compute in: ``fp32`` (default, the reference) or ``fp16`` autocast."""
 
 
 class WeightsError(R2Error):
@@ -178,6 +184,7 @@ class BackboneInfo:
         video_tokens: P, tokens per frame including CLS (50 for B/32).
         video_width: C, visual width (768 for B/32).
         text_width: Cq, text width (512 for B/32).
+        precision: what the towers compute in, one of :data:`PRECISIONS`.
     """
 
     name: str
@@ -188,6 +195,7 @@ class BackboneInfo:
     video_tokens: int
     video_width: int
     text_width: int
+    precision: str
 
     def manifest(self, dataset: str, fps: float | None) -> Manifest:
         """The manifest of a ``dataset`` store of this backbone's tokens at ``fps`` clips per second
@@ -203,6 +211,7 @@ class BackboneInfo:
             video_tokens=self.video_tokens,
             video_width=self.video_width,
             text_width=self.text_width,
+            precision=self.precision,
         )
 
 
@@ -213,7 +222,7 @@ class ClipBackbone(BackboneInfo):
     Attributes (besides those of :class:`BackboneInfo`):
         model: the open_clip ``CLIP`` module (eval mode, no gradients).
         tokenizer: its open_clip tokenizer.
-        device: where the model runs; fp16 autocast is used on CUDA only.
+        device: where the model runs (under fp16 autocast when ``precision`` is ``fp16``).
     """
 
     model: open_clip.model.CLIP
@@ -225,14 +234,14 @@ class ClipBackbone(BackboneInfo):
         return BackboneInfo(**{f.name: getattr(self, f.name) for f in fields(BackboneInfo)})
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "fp16")
 
     @torch.inference_mode()
     def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
         """Visual tokens of CLIP-normalised images ``(N, 3, S, S)`` -> ``(N, k, P, C)``.
 
         Entry ``j`` is the output of block ``n - k + j`` (oldest first), before ``ln_post``,
-        token 0 = CLS. fp32 on CPU, fp16 under CUDA autocast; on the model's device.
+        token 0 = CLS. float32, or float16 with ``precision="fp16"``; on the model's device.
         """
         with self._autocast():
             out = self.model.visual.forward_intermediates(
@@ -287,6 +296,7 @@ def load_backbone(
     device: str = "cpu",
     seed: int = 0,
     cache_dir: str | None = None,
+    precision: str = "fp32",
 ) -> ClipBackbone:
     """Build the frozen backbone (eval mode, no gradients) on ``device``.
 
@@ -298,12 +308,15 @@ def load_backbone(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         seed: seed of ``random`` weights.
         cache_dir: where to look for / download OpenAI weights (default: Hugging Face cache).
+        precision: ``fp32`` (the reference) or ``fp16`` (autocast; faster on GPUs, small drift).
 
     Raises:
-        ConfigError: unknown or unsupported architecture, unknown or unavailable device.
+        ConfigError: unknown or unsupported architecture, unknown or unavailable device or precision.
         WeightsError: missing / unreadable / mismatching weights, no network for a first
             download; the message says how to provide weights.
     """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {precision!r}")
     spec = get_backbone(arch)
     name = spec.model_name
     dev = resolve_device(device)
@@ -344,5 +357,6 @@ def load_backbone(
         video_tokens=spec.video_tokens,
         video_width=spec.video_width,
         text_width=spec.text_width,
+        precision=precision,
         device=dev,
     )

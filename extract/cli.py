@@ -13,6 +13,7 @@ import typer
 
 from extract.config import SAMPLE_DATASET, ExtractConfig, sample_paths
 from shards.cliutil import user_errors
+from shards.cluster import DEFAULT_WORKER_TIMEOUT
 from shards.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,10 +68,16 @@ def extract(
     workers: int = typer.Option(2, help="video decoding threads (per process)"),
     scheduler: str = typer.Option(None, help="dask scheduler ADDRESS to fan out over, or 'local'"),
     dask_workers: int = typer.Option(None, help="LocalCluster worker processes (default: one per GPU)"),
+    worker_timeout: float = typer.Option(
+        DEFAULT_WORKER_TIMEOUT, help="seconds to wait for the first worker of the --scheduler cluster"
+    ),
     limit: int = typer.Option(None, help="only the first N videos of the annotations"),
     seed: int = typer.Option(0, help="seed of random weights"),
     cache_dir: str = typer.Option(None, help="where OpenAI weights are cached / downloaded"),
     progress: bool = typer.Option(True, help="progress bar on stderr"),
+    precision: str = typer.Option(
+        "fp32", help="fp32 (the reference's numbers) | fp16 (autocast: faster on GPUs, tokens drift slightly)"
+    ),
     sample: bool = typer.Option(False, "--sample", help=f"extract the embedded sample (into {SAMPLE_STORE})"),
 ) -> None:
     """Extract frozen CLIP tokens (last k blocks of both towers) of a dataset's videos and queries."""
@@ -108,10 +115,12 @@ def extract(
             workers=workers,
             scheduler=scheduler,
             dask_workers=dask_workers,
+            worker_timeout=worker_timeout,
             limit=limit,
             seed=seed,
             cache_dir=cache_dir,
             progress=progress,
+            precision=precision,
         )
         from extract.job import run_extraction  # imports open_clip: only when extracting
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.cluster import DEFAULT_WORKER_TIMEOUT
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 """File extensions tried, in this order, for ``<videos>/<vid><suffix><ext>``."""
 
@@ -41,10 +43,14 @@ class ExtractConfig:
             :class:`dask.distributed.LocalCluster`, ``None`` = in-process (a LocalCluster with one
             worker per GPU is started automatically when several GPUs are visible).
         dask_workers: worker processes of the LocalCluster (default: one per GPU).
+        worker_timeout: seconds to wait for the first worker of the ``scheduler`` cluster.
         limit: only the first N videos of the annotations (and their queries).
         seed: seed of random weights.
         cache_dir: where to look for / download OpenAI weights (default: Hugging Face cache).
         progress: show a progress bar on stderr.
+        precision: what the CLIP towers compute in: ``fp32`` (default, the reference's numbers) or
+            ``fp16`` (autocast: faster on GPUs, tokens drift slightly; see docs/extract.md).
+            Tokens are stored as float16 either way; the store records the precision.
     """
 
     dataset: str
@@ -61,8 +67,10 @@ class ExtractConfig:
     workers: int = 2
     scheduler: str | None = None
     dask_workers: int | None = None
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT
     limit: int | None = None
     seed: int = 0
     cache_dir: str | None = None
     progress: bool = True
+    precision: str = "fp32"
     extensions: tuple[str, ...] = field(default=VIDEO_EXTENSIONS)

@@ -9,7 +9,9 @@ the text tower also runs on the workers, the driver never loads the model.
 
 With a :class:`~dask.distributed.LocalCluster`, worker ``i`` uses GPU ``i mod #GPUs``; workers of
 an external cluster (``--scheduler ADDRESS``) use the device they are given (e.g. set
-``CUDA_VISIBLE_DEVICES`` per worker).
+``CUDA_VISIBLE_DEVICES`` per worker). With an external cluster the driver waits (``--worker-timeout``)
+for a worker, and checks that the workers see the videos folder, a weights file and the store (every
+path is sent absolute) before a video is sent (:mod:`shards.cluster`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 from extract.backbone import BackboneInfo, ClipBackbone, WeightsError, load_backbone, warn_random_weights
 from extract.config import ExtractConfig
 from extract.pipeline import VideoResult, VideoTask, extract_videos
-from shards.errors import ConfigError, R2Error
+from shards.cluster import absolute, check_visible, connect
+from shards.errors import R2Error
 from shards.store import FeatureStore, open_store
 
 TASKS_PER_WORKER = 4
@@ -46,6 +49,7 @@ class BackboneSpec:
     device: str
     seed: int
     cache_dir: str | None
+    precision: str = "fp32"
 
 
 def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
@@ -54,7 +58,13 @@ def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
     if backbone is None:
         _BACKBONES.clear()
         backbone = load_backbone(
-            spec.arch, spec.pretrained, spec.layers, _worker_device(spec.device), spec.seed, spec.cache_dir
+            spec.arch,
+            spec.pretrained,
+            spec.layers,
+            _worker_device(spec.device),
+            spec.seed,
+            spec.cache_dir,
+            spec.precision,
         )
         _BACKBONES[spec] = backbone
     return backbone
@@ -116,10 +126,7 @@ class DaskRunner:
         self.cfg = cfg
         self.cluster = None
         if cfg.scheduler not in (None, "local"):
-            try:
-                self.client = Client(cfg.scheduler, timeout="30s")
-            except (OSError, TimeoutError) as err:
-                raise ConfigError(f"cannot reach the dask scheduler at {cfg.scheduler!r} ({err})") from err
+            self.client = connect(cfg.scheduler, cfg.worker_timeout)
         else:
             workers = cfg.dask_workers or max(1, torch.cuda.device_count())
             self.cluster = LocalCluster(
@@ -130,8 +137,12 @@ class DaskRunner:
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)
-        self.spec = BackboneSpec(cfg.arch, cfg.pretrained, cfg.layers, cfg.device, cfg.seed, cfg.cache_dir)
+        self.spec = BackboneSpec(
+            cfg.arch, cfg.pretrained, cfg.layers, cfg.device, cfg.seed, cfg.cache_dir, cfg.precision
+        )
         try:
+            weights = [cfg.pretrained] if Path(cfg.pretrained).is_absolute() else []  # a weights file
+            check_visible(self.client, [absolute(cfg.videos), *weights])
             self.info: BackboneInfo = self.client.submit(describe_task, self.spec, pure=False).result()
         except BaseException:
             self.close()
@@ -149,6 +160,7 @@ class DaskRunner:
         from distributed import as_completed
 
         path = str(Path(store.path).resolve())
+        check_visible(self.client, [path])
         groups = {
             self.client.submit(
                 extract_task,

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.backbone import BackboneInfo, ClipBackbone, load_backbone
+from extract.backbone import PRECISIONS, BackboneInfo, ClipBackbone, load_backbone
 from extract.config import ExtractConfig
 from extract.pipeline import VideoResult, VideoTask, extract_videos
 from shards.annotations import load_many
-from shards.atomic import atomic_path
+from shards.atomic import atomic_path, writes_to
 from shards.backbones import get_backbone
+from shards.cluster import absolute
 from shards.datasets import DatasetSpec, get_dataset, video_filename_stem
 from shards.errors import ConfigError, VideoError
 from shards.schema import Query
@@ -64,7 +65,7 @@ class LocalRunner:
     def __init__(self, cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> None:
         self.cfg = cfg
         self.backbone = backbone or load_backbone(
-            cfg.arch, cfg.pretrained, cfg.layers, cfg.device, cfg.seed, cfg.cache_dir
+            cfg.arch, cfg.pretrained, cfg.layers, cfg.device, cfg.seed, cfg.cache_dir, cfg.precision
         )
         self.info = self.backbone.info()
 
@@ -177,6 +178,8 @@ def _check_config(cfg: ExtractConfig) -> None:
     for name in ("batch_size", "query_batch_size", "workers", "layers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.fps is not None and not cfg.fps > 0:
         raise ConfigError(f"fps must be positive or 'auto', got {cfg.fps}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -223,17 +226,22 @@ def write_query_tokens(runner: Runner, store: FeatureStore, queries: Sequence[Qu
 
 
 def _write_failures(store_dir: Path, failures: dict[str, str], paths: dict[str, Path]) -> Path | None:
-    """Replace ``<store>/failures.jsonl`` (atomically) with this run's failures; remove it when none."""
+    """Replace ``<store>/failures.jsonl`` (atomically) with this run's failures; remove it when none.
+
+    The same failures as the file lists already are not written again (a read-only store resumes).
+    """
     target = store_dir / FAILURES_FILE
     if not failures:
-        target.unlink(missing_ok=True)
+        if target.is_file():  # unlink fails on a read-only store even when there is nothing to remove
+            target.unlink(missing_ok=True)
         return None
-    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for vid, reason in failures.items():
-            path = paths.get(vid)
-            f.write(
-                json.dumps({"vid": vid, "path": None if path is None else str(path), "reason": reason}) + "\n"
-            )
+    text = "".join(
+        json.dumps({"vid": vid, "path": str(paths[vid]) if vid in paths else None, "reason": reason}) + "\n"
+        for vid, reason in failures.items()
+    )
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        with atomic_path(target) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return target
 
 
@@ -247,7 +255,30 @@ def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> 
         R2Error subclasses for user errors: unknown dataset or backbone, bad annotation file, missing
         videos folder, unusable weights, a store made with other settings. Per-video problems do not
         raise; they are listed in the summary and in ``<store>/failures.jsonl``.
+        OSError naming the store (``cfg.out``) when the disk is full or the store is read-only
+        (:func:`shards.atomic.writes_to`); what was written stays consistent, and a re-run resumes.
     """
+    cfg = absolute_paths(cfg)
+    with writes_to(cfg.out):
+        return _extract(cfg, backbone)
+
+
+def absolute_paths(cfg: ExtractConfig) -> ExtractConfig:
+    """``cfg`` with every path absolute (videos, annotations, store, a weights file, the weights cache):
+    dask workers may run in another folder or on another host, so relative paths are never sent."""
+    weights_file = cfg.pretrained not in ("openai", "random") and not cfg.pretrained.startswith("random:")
+    return replace(
+        cfg,
+        videos=absolute(cfg.videos),
+        annotations=[absolute(a) for a in cfg.annotations],
+        out=absolute(cfg.out),
+        pretrained=str(absolute(cfg.pretrained)) if weights_file else cfg.pretrained,
+        cache_dir=None if cfg.cache_dir is None else str(absolute(cfg.cache_dir)),
+    )
+
+
+def _extract(cfg: ExtractConfig, backbone: ClipBackbone | None) -> ExtractSummary:
+    """The body of :func:`run_extraction`."""
     started = time.monotonic()
     spec = get_dataset(cfg.dataset)
     _check_config(cfg)
@@ -259,6 +290,7 @@ def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> 
         info = runner.info
         summary.random_weights = info.pretrained.startswith("random:")
         store = create_store(cfg.out, info.manifest(spec.name, cfg.fps if cfg.fps is not None else spec.fps))
+        store.annotations()  # unreadable stored annotations stop the run now, not after the extraction
         todo = [t for t in tasks if not store.has_video(t.vid)]
         summary.already_done = len(tasks) - len(todo)
         bar = tqdm(
@@ -287,7 +319,10 @@ def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> 
     finally:
         runner.close()
     present = set(store.video_ids())
-    store.write_annotations([q for q in queries if q.vid in present])
+    ours = [q for q in queries if q.vid in present]
+    stored = {q.qid: q for q in store.annotations()}
+    if any(stored.get(q.qid) != q for q in ours):  # no write when nothing changed: a read-only store resumes
+        store.write_annotations(ours)
     summary.annotations = sum(1 for q in store.annotations() if q.vid in present)
     summary.failures = failures
     summary.failures_file = _write_failures(cfg.out, failures, {t.vid: t.path for t in tasks})

@@ -8,30 +8,38 @@ style: encode a video once, then ask any number of sentences about it.
 >>> result = predictor.predict(video, "a man cuts an onion")
 >>> result.moments[:3]                                       # [[start_s, end_s, score], ...]
 
-The backbone is the one the checkpoint was trained on (architecture, weights, k and fps from the
-store identity saved in the checkpoint; the frame size follows from the architecture); other
-weights are refused. Long videos are cut into overlapping windows of at most ``window`` clips,
-so any length works.
+The backbone is the one the checkpoint was trained on (architecture, weights, k, fps and the
+towers' precision from the store identity saved in the checkpoint; the frame size follows from
+the architecture); other weights, and another rate than a fixed-rate store's, are refused. Long
+videos are cut into overlapping windows of at most ``window`` clips; a video gives at most
+:data:`MAX_CLIPS` clips.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from eval.postprocess import postprocess_for
 from extract.backbone import ClipBackbone, load_backbone
-from extract.frames import preprocess, sample_frames
-from shards.errors import CheckpointError
+from extract.frames import preprocess, probe, sample_frames
+from shards.errors import CheckpointError, ConfigError, VideoError
+from shards.manifest import DEFAULTS
 from train.checkpoint import read_checkpoint
 from train.inference import Grounder
 
 DEFAULT_WINDOW = 1024
 """Most clips the model sees at once (the reference model's positional-encoding and point buffers
 hold 1,024 clips; its training videos are far shorter)."""
+MAX_CLIPS = 8 * DEFAULT_WINDOW
+"""Most clips one video may give (its duration × fps): 8,192, the model's 1,024-clip buffer eight
+times over, i.e. 15 windows overlapping by half; a 2 h 16 min video at 1 fps. Every clip is one
+image-tower forward, so this bounds the time ``encode_video`` takes."""
 
 
 @dataclass
@@ -80,13 +88,23 @@ class Predictor:
         backbone: the frozen CLIP model.
         fps: sampling rate of the training store.
         window: most clips per model call; longer videos use windows overlapping by half.
+        chosen_rate: ``fps`` was chosen by the user (a per-video-rate checkpoint), so it may not
+            exceed a video's frame rate (faster clips would only repeat frames).
     """
 
-    def __init__(self, grounder: Grounder, backbone: ClipBackbone, fps: float, window: int = DEFAULT_WINDOW):
+    def __init__(
+        self,
+        grounder: Grounder,
+        backbone: ClipBackbone,
+        fps: float,
+        window: int = DEFAULT_WINDOW,
+        chosen_rate: bool = False,
+    ):
         self.grounder = grounder
         self.backbone = backbone
         self.fps = fps
         self.window = window
+        self.chosen_rate = chosen_rate
 
     @classmethod
     def from_checkpoint(
@@ -96,6 +114,7 @@ class Predictor:
         weights: str | None = None,
         fps: float | None = None,
         window: int = DEFAULT_WINDOW,
+        precision: str | None = None,
     ) -> Predictor:
         """Load a checkpoint written by ``r2 train`` and the CLIP backbone its store was built with.
 
@@ -104,11 +123,16 @@ class Predictor:
             device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
             weights: CLIP weights to use instead of the manifest's ``pretrained`` (e.g. the weights
                 file moved); its checksum must still match the manifest's.
-            fps: sampling rate for stores extracted at a per-video rate (YouTube Highlights).
+            fps: sampling rate (clips per second) for stores extracted at a per-video rate (YouTube
+                Highlights); for a fixed-rate store it may only repeat the store's rate.
             window: most clips per model call.
+            precision: what the CLIP towers compute in, ``fp32`` or ``fp16`` (autocast); default:
+                the store's (``fp32`` for stores of earlier versions).
 
         Raises:
             CheckpointError: the checkpoint has no store manifest, or the weights differ from it.
+            ConfigError: ``fps`` is not a finite positive number, differs from a fixed-rate store's,
+                or is missing for a per-video-rate store; unknown ``precision``.
         """
         manifest = read_checkpoint(checkpoint).meta.get("store")
         if not isinstance(manifest, dict):
@@ -116,11 +140,13 @@ class Predictor:
                 f"{checkpoint} records no feature-store manifest, so the CLIP backbone it needs is unknown: "
                 "use a checkpoint written by `r2 train`"
             )
+        rate = _rate(checkpoint, manifest.get("fps"), fps)
         backbone = load_backbone(
             manifest["backbone"],
             weights or manifest["pretrained"],
             layers=int(manifest["layers"]),
             device=device,
+            precision=precision or manifest.get("precision", DEFAULTS["precision"]),
         )
         if backbone.weights_sha256 != manifest["weights_sha256"]:
             raise CheckpointError(
@@ -128,22 +154,43 @@ class Predictor:
                 f"the ones {checkpoint} was trained on (sha256 {manifest['weights_sha256'][:12]}…, "
                 f"pretrained {manifest['pretrained']!r}): pass the original weights with --weights"
             )
-        rate = manifest.get("fps") or fps
-        if not rate:
-            raise CheckpointError(
-                f"{checkpoint} was trained on features sampled at a per-video rate: give the rate with --fps"
-            )
         grounder = Grounder.from_checkpoint(checkpoint, device=backbone.device)
-        return cls(grounder, backbone, float(rate), window)
+        return cls(grounder, backbone, rate, window, chosen_rate=manifest.get("fps") is None)
+
+    def check_video(self, path: str | Path) -> float | None:
+        """Refuse ``path`` before decoding it when it would give more than :data:`MAX_CLIPS` clips at
+        ``self.fps`` (duration × fps), or when a chosen rate exceeds its frame rate; returns its
+        duration in seconds (``None`` when the container does not say).
+
+        Raises:
+            VideoError: a folder, a missing or undecodable file, too many clips, too high a rate.
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise VideoError(f"{path} is a folder, not a video file")
+        info = probe(path)
+        if self.chosen_rate and info.rate is not None and self.fps > info.rate * (1 + 1e-6):
+            raise VideoError(
+                f"--fps {self.fps:g} is above the {info.rate:g} fps frame rate of {path}: its clips would "
+                f"repeat frames; use --fps of at most {info.rate:g}"
+            )
+        if info.duration is not None and round(info.duration * self.fps) > MAX_CLIPS:
+            raise VideoError(_too_many_clips(path, round(info.duration * self.fps), self.fps, info.duration))
+        return info.duration
 
     def encode_video(self, path: str | Path, batch_size: int = 32) -> EncodedVideo:
         """Sample ``path`` at the checkpoint's fps and run frozen CLIP on the frames.
 
-        Frames are streamed in batches of ``batch_size``; only the fp16 tokens are kept.
+        Frames are streamed in batches of ``batch_size``; only the fp16 tokens are kept. The
+        video is checked first (:meth:`check_video`), and stopped should it give more than
+        :data:`MAX_CLIPS` clips all the same (a container that understates its duration).
 
         Raises:
-            VideoError: the file is missing or cannot be decoded.
+            VideoError: a folder, a missing or undecodable file, no clip at all (a video shorter
+                than about half a clip), more than :data:`MAX_CLIPS` clips, or a chosen rate above
+                the video's frame rate.
         """
+        duration = self.check_video(path)
         chunks: list[np.ndarray] = []
         batch: list[np.ndarray] = []
 
@@ -152,12 +199,17 @@ class Predictor:
             chunks.append(self.backbone.encode_frames(images).to("cpu", torch.float16).numpy())
             batch.clear()
 
-        for frame in sample_frames(path, self.fps, self.backbone.frame_size):
+        for clips, frame in enumerate(sample_frames(path, self.fps, self.backbone.frame_size), 1):
+            if clips > MAX_CLIPS:
+                raise VideoError(_too_many_clips(Path(path), clips, self.fps, None))
             batch.append(frame)
             if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
+        if not chunks:
+            lasts = "" if duration is None else f" (the video lasts {duration:g} s)"
+            raise VideoError(f"{path}: no frames could be sampled at {self.fps:g} fps{lasts}")
         return EncodedVideo(Path(path), np.concatenate(chunks), self.fps)
 
     def encode_query(self, text: str) -> np.ndarray:
@@ -199,3 +251,41 @@ class Predictor:
         windows = np.concatenate(moments)
         windows = windows[np.argsort(-windows[:, 2], kind="stable")]
         return windows, (saliency / counts).astype(np.float32)
+
+
+def _rate(checkpoint: str | Path, stored: Any, fps: float | None) -> float:
+    """The sampling rate to use: the fixed-rate store's ``stored`` rate, or ``fps`` for a per-video-rate
+    store (``stored`` is ``None``). :class:`ConfigError` for a non-finite or non-positive ``fps``, one
+    that differs from ``stored``, or none for a per-video-rate store; :class:`CheckpointError` for a
+    recorded rate that is not a positive number."""
+    if stored is not None and not (isinstance(stored, int | float) and math.isfinite(stored) and stored > 0):
+        raise CheckpointError(f"{checkpoint} records a store rate of {stored!r}, not a positive number")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ConfigError(f"--fps must be a finite number of clips per second above 0, got {fps:g}")
+    if stored is not None:
+        if fps is not None and not math.isclose(fps, stored, rel_tol=1e-9):
+            raise ConfigError(
+                f"{checkpoint} was trained on features sampled at {stored:g} fps, not {fps:g}: "
+                "the model only knows clips of that length; leave --fps out"
+            )
+        return float(stored)
+    if fps is None:
+        raise ConfigError(
+            f"{checkpoint} was trained on features sampled at a per-video rate: give the rate with --fps"
+        )
+    return float(fps)
+
+
+def _too_many_clips(path: Path, clips: int, fps: float, duration: float | None) -> str:
+    """The message for a video of ``clips`` > :data:`MAX_CLIPS` clips at ``fps`` (``duration`` in seconds,
+    ``None`` when unknown: ``clips`` were counted while decoding, and there may be more)."""
+    if duration is None:
+        what, fix = f"{path} gives more than {clips - 1} clips at {fps:g} fps", "a lower --fps"
+    else:
+        what, fix = f"{path} lasts {duration:g} s: at {fps:g} fps that is {clips} clips", (
+            f"--fps of at most {MAX_CLIPS / duration:g}"
+        )
+    return (
+        f"{what}, more than the {MAX_CLIPS} r2 predict takes (r2.predict.MAX_CLIPS, bounding the time "
+        f"CLIP takes): use {fix}, or cut the video into parts"
+    )

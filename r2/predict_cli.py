@@ -11,7 +11,7 @@ import typer
 
 from eval.predictions import QueryPrediction
 from shards.cliutil import user_errors
-from shards.errors import ConfigError
+from shards.errors import ConfigError, VideoError
 
 if TYPE_CHECKING:
     from r2.predict import VideoPrediction
@@ -31,13 +31,20 @@ def predict(
     plot: Path | None = typer.Option(
         None, help="PNG with the saliency curve and the top moments (one file per sentence: -1, -2 ...)."
     ),
-    top: int = typer.Option(5, help="How many moments to print per sentence."),
+    top: int = typer.Option(5, help="How many moments to print per sentence (at least 1)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     weights: str | None = typer.Option(
         None, help="CLIP weights file if the one recorded in the checkpoint moved (checksum must match)."
     ),
     fps: float | None = typer.Option(
-        None, help="Sampling rate; only for checkpoints trained at per-video rates."
+        None,
+        help="Clips per second, for checkpoints trained at per-video rates (at most the video's frame rate); "
+        "a fixed-rate checkpoint's own rate is used and another one refused.",
+    ),
+    precision: str | None = typer.Option(
+        None,
+        help="What the CLIP towers compute in: fp32 | fp16 (autocast: faster on GPUs, tokens drift "
+        "slightly); default: the precision of the checkpoint's feature store (fp32 for older stores).",
     ),
     as_json: bool = typer.Option(
         False,
@@ -55,7 +62,17 @@ def predict(
     with user_errors():
         if qids and len(qids) != len(sentences):
             raise ConfigError(f"{len(qids)} --qid values for {len(sentences)} sentences: give one each")
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, weights=weights, fps=fps)
+        empty = [str(i) for i, sentence in enumerate(sentences, 1) if not sentence.strip()]
+        if empty:
+            which = f"sentence {empty[0]} is" if len(empty) == 1 else f"sentences {', '.join(empty)} are"
+            raise ConfigError(f"{which} empty: give the text to ground")
+        if top < 1:
+            raise ConfigError(f"--top must be at least 1, got {top}")
+        if video.is_dir():
+            raise VideoError(f"{video} is a folder, not a video file")
+        predictor = Predictor.from_checkpoint(
+            checkpoint, device=device, weights=weights, fps=fps, precision=precision
+        )
         encoded = predictor.encode_video(video)
         for i, sentence in enumerate(sentences):
             result = predictor.predict(encoded, sentence)

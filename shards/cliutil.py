@@ -1,26 +1,90 @@
-"""What every ``r2`` command shares: user errors become one ``error: ...`` line and exit status 2."""
+"""What every ``r2`` command shares: user errors become one ``error: ...`` line and exit status 2.
+
+User errors are :class:`R2Error` and the failed writes a user can fix: a full disk, an exceeded
+quota, a read-only or forbidden folder (an :class:`OSError`; :func:`shards.atomic.writes_to` makes
+it name the path written).
+"""
 
 from __future__ import annotations
 
+import errno
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 
+from shards.atomic import WRITE_ERRNOS
 from shards.errors import R2Error
 
 USER_ERROR_EXIT = 2
-"""Exit status of a command stopped by a user error."""
+"""Exit status of a command stopped by a user error (a full disk and a read-only folder included)."""
+
+_RESUME = (
+    "what was written before is intact: free some space, then run the same command again to resume "
+    "(`r2 train` with --resume)"
+)
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` for a message: ``512 bytes``, ``1.5 MB``, ..."""
+    units = ("bytes", "kB", "MB", "GB", "TB")
+    power = 0
+    while nbytes >= 1000 and power < len(units) - 1:
+        nbytes /= 1000
+        power += 1
+    return f"{nbytes:.0f} bytes" if power == 0 else f"{nbytes:.1f} {units[power]}"
+
+
+def _space(path: Path) -> str:
+    """The free space on the file system of ``path`` (its nearest existing folder) and, when ``path`` is a
+    file being replaced, its size (at least that much is needed): `` (90.1 kB free there; the file it
+    replaces takes 612.2 kB)``."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            free = f"{_size(shutil.disk_usage(folder).free)} free there"
+            if path.is_file():
+                free += f"; the file it replaces takes {_size(path.stat().st_size)}"
+            return f" ({free})"
+    return ""
+
+
+def write_error_message(err: OSError) -> str | None:
+    """The ``error:`` line of a failed write the user can fix (``None`` for any other error).
+
+    A full disk or exceeded quota names the path, the free space left there and that re-running
+    resumes; a read-only or forbidden path says to choose another output folder.
+    """
+    if err.errno not in WRITE_ERRNOS:
+        return None
+    where = "a file" if err.filename is None else str(err.filename)
+    if err.errno == errno.ENOSPC:
+        space = "" if err.filename is None else _space(Path(where))
+        return f"no space left on the device writing {where}{space}; {_RESUME}"
+    if err.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing {where}; {_RESUME}"
+    if err.errno == errno.EROFS:
+        return f"cannot write {where}: read-only file system; choose another output folder (--out)"
+    return f"permission denied: {where}; fix its permissions or choose another output folder (--out)"
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn an :class:`R2Error` raised in the block into ``error: <message>`` on stderr and exit status 2.
+    """Turn a user error raised in the block into ``error: <message>`` on stderr and exit status 2.
 
-    Exits with :class:`SystemExit`, so it serves inside a typer command and around a whole app alike.
+    User errors: an :class:`R2Error` (its message) and a write failed for lack of space or
+    permission (:func:`write_error_message`). Exits with :class:`SystemExit`, so it serves inside a
+    typer command and around a whole app alike.
     """
     try:
         yield
     except R2Error as err:
         typer.echo(f"error: {err}", err=True)
+        raise SystemExit(USER_ERROR_EXIT) from None
+    except OSError as err:
+        message = write_error_message(err)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
         raise SystemExit(USER_ERROR_EXIT) from None

@@ -8,7 +8,8 @@ Sources:
   one dataset ``(L, k, Cq)`` per query id in ``query_group``.
 
 Pooled 2-D features ``(T, 512)`` (what many other toolkits ship) lack the layer and token axes the
-R² block needs and are refused. Every source file's shape is checked before anything is written.
+R² block needs and are refused. Every source file's shape is checked before anything is written,
+and its values when it is read (NaN / Inf, or beyond float16, are refused naming the file).
 Imports are resumable: videos and queries already in the store are skipped.
 """
 
@@ -30,6 +31,7 @@ from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import ConfigError, StoreError
 from shards.schema import Query
 from shards.store import FeatureStore, check_id, create_store, make_manifest
+from shards.tokens import check_finite
 
 QUERY_BATCH = 1024
 """Queries written per store part (each part is one atomic write, so a killed import loses little)."""
@@ -83,10 +85,11 @@ class _Item:
     load: Callable[[], np.ndarray]
 
     def read(self) -> np.ndarray:
-        """The array, checked against the shape its header gave."""
+        """The array, checked against the shape its header gave and to hold finite float16 values."""
         array = self.load()
         if array.shape != self.shape:
             raise StoreError(f"{self.where}: read shape {array.shape}, header said {self.shape}")
+        check_finite(array, self.where)
         return array
 
 

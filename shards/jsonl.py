@@ -26,8 +26,8 @@ def read_json_objects(path: Path, error: type[R2Error]) -> Iterator[tuple[int, d
     read whole on the first ``next``; lines are decoded one by one as they are consumed.
 
     Raises:
-        error: the file cannot be read (``file: ...``), is not UTF-8, or a line is not JSON or
-            not a JSON object (``file:line: ...``).
+        error: the file cannot be read (``file: ...``), is not UTF-8, or a line is not JSON, is
+            nested too deeply for the parser, or is not a JSON object (``file:line: ...``).
     """
     try:
         raw = path.read_bytes()
@@ -48,6 +48,10 @@ def read_json_objects(path: Path, error: type[R2Error]) -> Iterator[tuple[int, d
                 f"{path}:{line}: malformed JSON ({exc.msg} at column {exc.colno}); "
                 f"the file must hold one JSON object per line"
             ) from exc
+        except RecursionError:
+            raise error(
+                f"{path}:{line}: JSON nested too deeply to read; the file must hold one JSON object per line"
+            ) from None
         if not isinstance(record, dict):
             raise error(
                 f"{path}:{line}: expected a JSON object, got {json_type_name(record)}; "

@@ -32,10 +32,16 @@ IDENTITY_FIELDS = (
     "video_width",
     "text_width",
     "dataset",
+    "precision",
 )
 """Manifest fields that decide whether two stores hold the same tokens (not the creation time or
 the package version). A checkpoint records them (:meth:`Manifest.identity`) and requires them of the
 store it is resumed on (``train.compat.open_store_for``)."""
+
+DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+"""Values of manifest fields that stores of earlier versions lack: they open as if they had them.
+(Stores extracted on CUDA before ``precision`` existed ran the towers under fp16 autocast; those
+made on CPU ran them in fp32.)"""
 
 
 @dataclass
@@ -57,6 +63,8 @@ class Manifest:
         dataset: dataset registry name.
         package_version: version of the package that created the store.
         created: creation time, ISO 8601.
+        precision: what the CLIP towers computed in: ``fp32`` (the reference) or ``fp16``
+            (autocast); the tokens are stored as ``dtype`` either way.
     """
 
     format_version: int
@@ -73,6 +81,7 @@ class Manifest:
     dataset: str
     package_version: str
     created: str
+    precision: str = DEFAULTS["precision"]
 
     def to_attrs(self) -> dict[str, Any]:
         """The manifest as a JSON-able dict (the root attributes)."""
@@ -86,10 +95,11 @@ class Manifest:
     def from_attrs(cls, attrs: dict[str, Any], where: str | Path) -> Manifest:
         """Parse root attributes; :class:`StoreError` naming ``where`` if fields are missing."""
         names = field_names()
-        missing = [n for n in names if n not in attrs]
+        missing = [n for n in names if n not in attrs and n not in DEFAULTS]
         if missing:
             raise StoreError(f"store {where}: manifest lacks {', '.join(missing)}; the store is damaged")
-        return cls(**{n: attrs[n] for n in names})
+        values: dict[str, Any] = {n: attrs[n] if n in attrs else DEFAULTS[n] for n in names}
+        return cls(**values)
 
     @property
     def video_shape(self) -> tuple[int, int, int]:
@@ -127,11 +137,13 @@ def make_manifest(
     video_tokens: int,
     video_width: int,
     text_width: int,
+    precision: str = DEFAULTS["precision"],
 ) -> Manifest:
     """A :class:`Manifest` with format version, dtype, package version and creation time filled in.
 
     ``fps`` is in clips per second (``None`` = per video); ``layers``, ``video_tokens``,
-    ``video_width`` and ``text_width`` are k, P, C and Cq.
+    ``video_width`` and ``text_width`` are k, P, C and Cq; ``precision`` is what the towers
+    computed in (``fp32`` / ``fp16``).
     """
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -148,6 +160,7 @@ def make_manifest(
         dataset=dataset,
         package_version=package_version(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        precision=precision,
     )
 
 
@@ -160,16 +173,18 @@ def _same(a: Any, b: Any) -> bool:
 def check_expected(where: str | Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Raise :class:`StoreError` naming every field of ``wanted`` whose stored value differs.
 
-    Numbers compare with a relative tolerance of 1e-9 (an fps of ``0.5`` equals ``0.5000000001``).
+    Numbers compare with a relative tolerance of 1e-9 (an fps of ``0.5`` equals ``0.5000000001``);
+    a field the store lacks compares as its :data:`DEFAULTS` value (stores of earlier versions).
     :class:`ValueError` for keys that are not manifest fields (a programming error).
     """
     unknown = set(wanted) - set(field_names())
     if unknown:
         raise ValueError(f"expect has unknown manifest fields: {sorted(unknown)}")
+    have = {key: stored.get(key, DEFAULTS.get(key)) for key in wanted}
     diffs = [
-        f"{key} is {stored.get(key)!r} in the store but {value!r} was expected"
+        f"{key} is {have[key]!r} in the store but {value!r} was expected"
         for key, value in wanted.items()
-        if not _same(stored.get(key), value)
+        if not _same(have[key], value)
     ]
     if diffs:
         raise StoreError(

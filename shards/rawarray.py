@@ -5,7 +5,8 @@ grid chunked along axis 0 only. A chunk file then *is* the rows it holds, so thi
 rows with ``preadv`` straight into the caller's buffer (a row of a padded batch, say) or maps
 them, without zarr's codec pipeline. Arrays whose metadata
 says otherwise (re-encoded with a compressor by someone else) are read through ``zarr``.
-Writes produce exactly the files zarr would, plus a CRC-32 per chunk in the attributes.
+Writes produce exactly the files zarr would, plus a CRC-32 per chunk in the attributes; reads
+check them when asked (``check=``, what the store's readers do by default).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import mmap
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,7 @@ class RawArray:
     fast: bool
     _separator: str = "."
     _prefix: str = "c"
+    _verified: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def load(cls, path: Path) -> RawArray:
@@ -161,11 +163,19 @@ class RawArray:
         key = self._separator.join(([self._prefix] if self._prefix else []) + coords)
         return self.path / key
 
-    def read_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+    def read_rows(self, start: int, stop: int, out: np.ndarray, check: str | None = None) -> np.ndarray:
         """Read rows ``[start, stop)`` into ``out`` (C-contiguous float16 of that shape) and return it.
 
         Fast arrays: one ``preadv`` per chunk touched, straight into ``out`` (no other buffer).
+        ``check``: what is read, in words (``video 'v1'``); when given, every chunk touched is
+        checked against its stored CRC-32 (:meth:`check_rows`).
         """
+        self._read_rows(start, stop, out)
+        if check is not None:
+            self.check_rows(start, stop, out, check)
+        return out
+
+    def _read_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         if not self.fast:
             out[...] = zarr.open_array(self.path, mode="r")[start:stop]
             return out
@@ -187,9 +197,44 @@ class RawArray:
             pos = end
         return out
 
-    def map(self) -> np.ndarray | None:
+    def check_rows(self, start: int, stop: int, rows: np.ndarray, what: str) -> None:
+        """Check the chunks touched by rows ``[start, stop)`` (read into ``rows``) against their CRC-32.
+
+        A chunk read whole is checked from ``rows`` (one CRC pass over the bytes just read); a chunk
+        read in part (a query inside a part) is read whole and checked the first time only, which this
+        object remembers. :class:`StoreError` naming the store, ``what`` and ``r2 shards verify`` on a
+        mismatch or when the array records no checksums.
+        """
+        store = self.path.parent.parent
+        stored = self.attrs.get("crc32")
+        if not isinstance(stored, list) or len(stored) != self.num_chunks:
+            raise StoreError(
+                f"store {store}: {what} has no CRC-32 per chunk in {self.path / 'zarr.json'}, so its tokens "
+                f"cannot be checked; run `r2 shards verify {store}` and rewrite what it reports"
+            )
+        for index in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            lo = index * self.chunk_rows
+            hi = min(self.shape[0], lo + self.chunk_rows)
+            if start <= lo and hi <= stop:
+                data = rows[lo - start : hi - start]
+            elif index in self._verified:
+                continue
+            else:
+                data = self._read_rows(lo, hi, np.empty((hi - lo, *self.shape[1:]), DTYPE))
+            actual = crc32_hex(data.data.cast("B"))
+            if actual != stored[index]:
+                where = self.chunk_path(index) if self.fast else f"chunk {index} of {self.path}"
+                raise StoreError(
+                    f"store {store}: the tokens of {what} are corrupt ({where} has CRC-32 {actual}, the "
+                    f"store recorded {stored[index]}); run `r2 shards verify {store}` and rewrite what it "
+                    "reports (re-extract or re-import)"
+                )
+            self._verified.add(index)
+
+    def map(self, check: str | None = None) -> np.ndarray | None:
         """The whole array as a read-only view of its mapped chunk file (single-chunk fast arrays only,
-        else ``None``). The pages are read in by this call (``MAP_POPULATE`` where available)."""
+        else ``None``). The pages are read in by this call (``MAP_POPULATE`` where available);
+        ``check`` as for :meth:`read_rows` (one CRC pass over the mapping)."""
         if not self.fast or self.num_chunks != 1:
             return None
         chunk = self.chunk_path(0)
@@ -200,17 +245,36 @@ class RawArray:
             mapping = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        return np.frombuffer(mapping, DTYPE).reshape(self.shape)
+        array = np.frombuffer(mapping, DTYPE).reshape(self.shape)
+        if check is not None:
+            self.check_rows(0, self.shape[0], array, check)
+        return array
 
-    def chunk_checksums(self) -> list[str]:
-        """CRC-32 of the little-endian bytes of the in-bounds rows of every chunk (reads everything)."""
+    def scan(self) -> ChunkScan:
+        """CRC-32 of every chunk and the rows holding a non-finite value (reads everything once)."""
         sums = []
+        bad = []
         for index in range(self.num_chunks):
             start = index * self.chunk_rows
             stop = min(self.shape[0], start + self.chunk_rows)
-            buf = np.empty((stop - start, *self.shape[1:]), DTYPE)
-            sums.append(crc32_hex(self.read_rows(start, stop, buf).data.cast("B")))
-        return sums
+            buf = self._read_rows(start, stop, np.empty((stop - start, *self.shape[1:]), DTYPE))
+            sums.append(crc32_hex(buf.data.cast("B")))
+            finite = np.isfinite(buf.reshape(stop - start, -1)).all(axis=1)
+            bad.append(start + np.flatnonzero(~finite))
+        return ChunkScan(sums, np.concatenate(bad) if bad else np.empty(0, np.int64))
+
+
+@dataclass(frozen=True)
+class ChunkScan:
+    """What :meth:`RawArray.scan` read.
+
+    Attributes:
+        crc32: CRC-32 of the little-endian bytes of the in-bounds rows of each chunk, 8 hex digits.
+        nonfinite_rows: indices (axis 0) of the rows holding a NaN or ±Inf, ascending.
+    """
+
+    crc32: list[str]
+    nonfinite_rows: np.ndarray
 
 
 def write_raw_array(

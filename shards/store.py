@@ -10,7 +10,8 @@ One store per (dataset, backbone, fps, layers). Layout (see ``docs/store.md``)::
                                      ``write_queries`` call concatenated on axis 0, chunked by rows;
                                      attributes ``qids`` and ``lengths`` (tokens per query), ``crc32``
     <store>/annotations/             group; attribute ``queries`` = list of :class:`Query` dicts
-    <store>/_staging/                scratch space of writers (temporary data, never read)
+    <store>/_staging/                scratch space of writers (temporary data, never read); its
+                                     ``zarr.json`` carries the writer lock (``flock``, annotations)
 
 This module is the typed facade (:class:`FeatureStore`, :func:`open_store`, :func:`create_store`).
 The manifest and its identity checks live in :mod:`shards.manifest`, the raw chunk I/O in
@@ -37,9 +38,10 @@ import zarr
 from shards.errors import StoreError
 from shards.manifest import FORMAT_VERSION, Manifest, check_expected, make_manifest, package_version
 from shards.paths import unsafe_id_reason
-from shards.rawarray import DTYPE, RawArray, crc32_hex, write_raw_array
+from shards.rawarray import DTYPE, RawArray, crc32_hex, fsync_path, write_raw_array
 from shards.schema import Query
 from shards.staging import Staging
+from shards.tokens import check_finite
 
 __all__ = [
     "ANNOTATIONS",
@@ -112,14 +114,18 @@ class FeatureStore:
 
     Reads work in any mode; writes need ``mode='a'``. Per-video metadata and the query index are
     cached per process (cheap to rebuild; no file handles are kept open, so a store object may be
-    passed to forked worker processes).
+    passed to forked worker processes). With ``verify_reads`` (default) every token read checks the
+    CRC-32 of the chunks it reads (:meth:`shards.rawarray.RawArray.check_rows`).
     """
 
-    def __init__(self, path: Path, manifest: Manifest, *, writable: bool, fsync: bool = True) -> None:
+    def __init__(
+        self, path: Path, manifest: Manifest, *, writable: bool, fsync: bool = True, verify_reads: bool = True
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.writable = writable
         self.fsync = fsync
+        self.verify_reads = verify_reads
         self._staging = Staging(path / STAGING, fsync)
         self._videos: dict[str, RawArray] = {}
         self._query_index: dict[int | str, tuple[RawArray, int, int]] | None = None
@@ -181,7 +187,7 @@ class FeatureStore:
         The bytes go from the file straight into ``out``: there is no intermediate buffer.
         """
         arr = self.video_array(vid)
-        return arr.read_rows(0, arr.shape[0], _output(out, arr.shape))
+        return arr.read_rows(0, arr.shape[0], _output(out, arr.shape), self._checked(f"video {vid!r}"))
 
     def map_video(self, vid: str) -> np.ndarray:
         """Read-only tokens ``(T, k, P, C)`` of video ``vid`` mapped from the page cache, without a copy.
@@ -191,18 +197,20 @@ class FeatureStore:
         stays valid if the video is rewritten meanwhile (rename keeps the old file alive). Arrays not
         in the fast layout are read with :meth:`read_video`.
         """
-        mapped = self.video_array(vid).map()
+        mapped = self.video_array(vid).map(self._checked(f"video {vid!r}"))
         return mapped if mapped is not None else self.read_video(vid)
 
     def write_video(self, vid: str, tokens: np.ndarray, fps: float) -> None:
         """Write the tokens ``(T, k, P, C)`` of video ``vid`` sampled at ``fps`` clips per second.
 
         Atomic: the video is staged and renamed into place, so it is either absent or complete;
-        an existing video is replaced. Stale staging data of ``vid`` (a killed earlier write) is
-        removed first. Safe to call from several processes for disjoint videos.
+        an existing video is replaced. Staging data of ``vid`` whose writer is provably gone (a
+        killed earlier write) is removed first. Safe to call from several processes or hosts at once;
+        for one video written twice at once, the last commit wins.
         """
         self._require_writable()
         check_id(vid, "video")
+        check_finite(tokens, f"tokens of video {vid!r}")
         m = self.manifest
         data = _as_tokens(tokens, f"tokens of video {vid!r}", 4, m.video_shape, "k, P, C")
         fps = float(fps)
@@ -235,8 +243,17 @@ class FeatureStore:
             return sorted(e.name for e in entries if e.is_dir())
 
     def query_parts(self) -> list[RawArray]:
-        """The query-token parts, oldest first (a later part wins for a repeated query id)."""
-        return [RawArray.load(self.path / QUERIES / name) for name in self._query_part_names()]
+        """The query-token parts, oldest first (a later part wins for a repeated query id).
+
+        A part that a writer collects (superseded) between the listing and its loading is listed again.
+        """
+        while True:
+            names = self._query_part_names()
+            try:
+                return [RawArray.load(self.path / QUERIES / name) for name in names]
+            except StoreError:
+                if all((self.path / QUERIES / name).is_dir() for name in names):
+                    raise
 
     def query_ids(self) -> list[int | str]:
         """Ids of all queries that have tokens, in order of first write."""
@@ -258,20 +275,34 @@ class FeatureStore:
 
     def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray:
         """Tokens ``(L, k, Cq)`` float16 of query ``qid``, read into ``out`` when given (same rules as
-        for :meth:`read_video`)."""
+        for :meth:`read_video`). A cached index entry whose part a writer has collected since (the
+        query was rewritten into a newer part) is looked up again."""
         part, start, length = self._query_entry(qid)
-        return part.read_rows(start, start + length, _output(out, (length, *part.shape[1:])))
+        shape = (length, *part.shape[1:])
+        try:
+            return part.read_rows(start, start + length, _output(out, shape), self._checked(f"query {qid!r}"))
+        except StoreError:
+            if part.path.is_dir():
+                raise
+        self._query_index = None
+        part, start, length = self._query_entry(qid)
+        shape = (length, *part.shape[1:])
+        return part.read_rows(start, start + length, _output(out, shape), self._checked(f"query {qid!r}"))
 
     def write_queries(self, qids: Sequence[int | str], tokens: Sequence[np.ndarray]) -> None:
         """Write the tokens ``(L_i, k, Cq)`` of the queries ``qids`` as one new part (atomic).
 
-        A query id written again is replaced (the newest part wins); parts left without any live
-        query are deleted. Meant for one writing process (the extraction driver); repeating a
-        call after a crash is safe.
+        A query id written again is replaced (the part whose name sorts last wins: names start with
+        the time of the write); parts whose every query lives in a later part are then deleted.
+        Safe for several writing processes or hosts at once (no part another writer may still need
+        is deleted: a superseded part stays superseded whatever is written later); repeating a call
+        after a crash is safe.
         """
         self._require_writable()
         if len(qids) != len(tokens):
             raise StoreError(f"write_queries got {len(qids)} ids but {len(tokens)} token arrays")
+        for qid, array in zip(qids, tokens, strict=True):
+            check_finite(array, f"tokens of query {qid!r}")
         if not qids:
             return
         ids = [_check_qid(q) for q in qids]
@@ -291,34 +322,47 @@ class FeatureStore:
             write_raw_array(tmp, blocks, m.query_shape, chunk_rows, attrs, self.fsync)
             self._staging.commit_dir(tmp, self.path / QUERIES / name, "queries")
         self._query_index = None
-        live = {entry[0].path.name for entry in self._index().values()}
-        for old in self._query_part_names():
-            if old not in live:
-                shutil.rmtree(self.path / QUERIES / old, ignore_errors=True)
+        self._collect_superseded_parts()
+
+    def _collect_superseded_parts(self) -> None:
+        """Delete the parts whose every query id also is in a part with a later name (never read again).
+
+        Lock-free: more parts can only supersede more, so concurrent writers agree on what is dead;
+        a part is moved out of ``queries/`` in one rename, so a reader sees it whole or not at all.
+        """
+        later: set[int | str] = set()
+        for part in reversed(self.query_parts()):
+            qids = part.attrs["qids"]
+            if all(q in later for q in qids):
+                self._staging.discard(part.path, "queries")
+            later.update(qids)
 
     # ---- annotations
 
     def annotations(self) -> list[Query]:
         """All stored annotations (normalized :class:`Query` records), in write order."""
-        meta = json.loads((self.path / ANNOTATIONS / "zarr.json").read_bytes())
+        meta = read_metadata(self.path / ANNOTATIONS / "zarr.json", self.path)
         return [Query.from_dict(d) for d in meta.get("attributes", {}).get("queries", [])]
 
     def write_annotations(self, queries: Sequence[Query]) -> None:
         """Merge ``queries`` into the stored annotations by ``qid`` (a new record replaces an old one).
 
-        Atomic: the group metadata is staged and renamed over the old one. One writing process.
+        Atomic: the group metadata is staged and renamed over the old one. Safe for several writing
+        processes or hosts at once: the read-merge-replace runs under the store's writer lock
+        (:meth:`shards.staging.Staging.lock`), so no writer's records are lost; readers need no lock.
         """
         self._require_writable()
-        merged = {q.qid: q for q in self.annotations()}
         for q in queries:
             _check_qid(q.qid)
             check_id(q.vid, "video")
-            merged[q.qid] = q
-        with self._staging.stage("annotations") as tmp:
-            zarr.open_group(
-                str(tmp), mode="w", attributes={"queries": [q.to_dict() for q in merged.values()]}
-            )
-            self._staging.commit_file(tmp / "zarr.json", self.path / ANNOTATIONS / "zarr.json")
+        with self._staging.lock():
+            merged = {q.qid: q for q in self.annotations()}
+            merged.update((q.qid, q) for q in queries)
+            with self._staging.stage("annotations") as tmp:
+                zarr.open_group(
+                    str(tmp), mode="w", attributes={"queries": [q.to_dict() for q in merged.values()]}
+                )
+                self._staging.commit_file(tmp / "zarr.json", self.path / ANNOTATIONS / "zarr.json")
 
     # ---- staging
 
@@ -326,12 +370,42 @@ class FeatureStore:
         """Names of leftover staging entries (writes in progress or killed), sorted."""
         return self._staging.entries()
 
+    def _checked(self, what: str) -> str | None:
+        """``what`` to check a read against the stored CRC-32 (``verify_reads``), else ``None``."""
+        return what if self.verify_reads else None
+
     def _require_writable(self) -> None:
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only; open it with mode='a' to write")
 
 
 # --------------------------------------------------------------------------------------- open / create
+
+
+def read_metadata(meta_file: Path, store: Path) -> dict[str, Any]:
+    """The JSON object in the metadata file ``meta_file`` (a ``zarr.json``) of the store at ``store``.
+
+    Raises:
+        StoreError: the file cannot be read, or holds no JSON object (truncated, corrupt); the message
+            names the file and what to do.
+    """
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except OSError as err:
+        raise StoreError(f"cannot read {meta_file}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        problem = f"{err.msg}: line {err.lineno} column {err.colno}"
+    except (ValueError, RecursionError):  # not UTF-8, or nested too deeply
+        problem = "not UTF-8 JSON or nested too deeply"
+    else:
+        if isinstance(meta, dict):
+            return meta
+        problem = "not a JSON object"
+    raise StoreError(
+        f"{meta_file} is truncated or corrupt ({problem}): the store {store} cannot be used as is; "
+        "restore the file from a copy, or re-create the store (`r2 extract` or `r2 shards import-*` "
+        "into a new --out)"
+    )
 
 
 def _read_root(path: Path) -> dict[str, Any]:
@@ -344,10 +418,7 @@ def _read_root(path: Path) -> dict[str, Any]:
     meta_file = path / "zarr.json"
     if not meta_file.is_file():
         raise StoreError(f"{path} is not a feature store: it has no zarr.json (not a Zarr v3 group)")
-    try:
-        meta = json.loads(meta_file.read_bytes())
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{meta_file} is unreadable: {err}") from None
+    meta = read_metadata(meta_file, path)
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
         raise StoreError(f"{path} is not a feature store: zarr.json does not describe a Zarr v3 group")
     attrs = meta.get("attributes", {})
@@ -365,7 +436,12 @@ def _read_root(path: Path) -> dict[str, Any]:
 
 
 def open_store(
-    path: str | Path, *, expect: dict[str, Any] | None = None, mode: str = "r", fsync: bool = True
+    path: str | Path,
+    *,
+    expect: dict[str, Any] | None = None,
+    mode: str = "r",
+    fsync: bool = True,
+    verify_reads: bool = True,
 ) -> FeatureStore:
     """Open the store at ``path``.
 
@@ -375,6 +451,8 @@ def open_store(
             'fps': ..., 'layers': ...}``; any difference raises :class:`StoreError` naming both values.
         mode: ``'r'`` (read only) or ``'a'`` (read and write).
         fsync: flush written files to disk before committing them (writes only).
+        verify_reads: check every token read against the stored CRC-32 of its chunks (a mismatch
+            raises :class:`StoreError`); ``False`` only for a store ``r2 shards verify`` reported ok.
     """
     if mode not in ("r", "a"):
         raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -383,16 +461,16 @@ def open_store(
     manifest = Manifest.from_attrs(attrs, path)
     if expect:
         check_expected(path, attrs, expect)
-    return FeatureStore(path, manifest, writable=mode == "a", fsync=fsync)
+    return FeatureStore(path, manifest, writable=mode == "a", fsync=fsync, verify_reads=verify_reads)
 
 
 def create_store(path: str | Path, manifest: Manifest, *, fsync: bool = True) -> FeatureStore:
     """Create a store at ``path``, or open the existing one if its manifest matches (mode ``'a'``).
 
-    Creation is atomic (built under a temporary name, then renamed), so concurrent creators on a
-    shared file system end up with one store. A mismatching existing store raises
-    :class:`StoreError` naming the differing fields; the creation time and package version are
-    not compared.
+    Creation is atomic (built under a temporary name, flushed with ``fsync``, then renamed), so
+    concurrent creators on a shared file system end up with one store, the first one renamed in,
+    which all of them open. A mismatching existing store raises :class:`StoreError` naming the
+    differing fields; the creation time and package version are not compared.
     """
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
@@ -403,8 +481,14 @@ def create_store(path: str | Path, manifest: Manifest, *, fsync: bool = True) ->
             for name in (VIDEOS, QUERIES, STAGING):
                 root.create_group(name)
             root.create_group(ANNOTATIONS, attributes={"queries": []})
+            if fsync:
+                for group in (*(tmp / name for name in (VIDEOS, QUERIES, ANNOTATIONS, STAGING)), tmp):
+                    fsync_path(group / "zarr.json")
+                    fsync_path(group)
             with contextlib.suppress(OSError):
                 os.rename(tmp, path)
+                if fsync:
+                    fsync_path(path.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return open_store(path, expect=manifest.identity(), mode="a", fsync=fsync)

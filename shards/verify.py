@@ -1,9 +1,11 @@
 """Integrity check of a feature store (``r2 shards verify``).
 
 Finds: leftover staging data of interrupted writes, videos or query parts whose metadata, shape
-or chunk files are wrong, checksum mismatches (unless ``checksums=False``), annotated queries
-whose video or query tokens are missing, and videos whose decoded clip count ``T`` differs from
-``duration × fps`` by more than ``max_clip_diff`` clips.
+or chunk files are wrong, checksum mismatches and non-finite tokens (both unless
+``checksums=False``: they need every byte read), annotated queries whose video or query tokens are
+missing, videos whose decoded clip count ``T`` differs from ``duration × fps`` by more than
+``max_clip_diff`` clips, and an incomplete extraction or import (tokens without annotations, or
+annotations without any query tokens or videos).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from shards.errors import StoreError
@@ -24,9 +27,9 @@ class Problem:
 
     Attributes:
         kind: ``partial-write`` (staging leftover) | ``bad-video`` (metadata, shape or chunk files) |
-            ``checksum`` | ``bad-query-part`` | ``missing-video`` | ``missing-query-tokens`` |
-            ``duration-mismatch``.
-        item: the video id, query id or part / staging name concerned.
+            ``checksum`` | ``non-finite`` (NaN / Inf tokens) | ``bad-query-part`` | ``missing-video`` |
+            ``missing-query-tokens`` | ``duration-mismatch`` | ``incomplete`` (the store as a whole).
+        item: the video id, query id or part / staging name concerned; ``store`` for ``incomplete``.
         detail: what is wrong, one line.
     """
 
@@ -52,31 +55,35 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_chunks(arr: RawArray, checksums: bool) -> str | None:
-    """Why the chunk files of ``arr`` are wrong, or ``None``."""
+NO_ROWS = np.empty(0, np.int64)
+
+
+def _check_chunks(arr: RawArray, checksums: bool) -> tuple[str | None, np.ndarray]:
+    """Why the chunk files of ``arr`` are wrong (or ``None``), and the rows holding non-finite values
+    (read only with ``checksums``)."""
     stored = arr.attrs.get("crc32")
     if not isinstance(stored, list) or len(stored) != arr.num_chunks:
-        return f"attribute crc32 should list {arr.num_chunks} checksum(s), found {stored!r}"
+        return f"attribute crc32 should list {arr.num_chunks} checksum(s), found {stored!r}", NO_ROWS
     if arr.fast:
         expected = arr.chunk_rows * arr.row_nbytes
         for index in range(arr.num_chunks):
             chunk = arr.chunk_path(index)
             if not chunk.is_file():
-                return f"chunk file {chunk.name} is missing"
+                return f"chunk file {chunk.name} is missing", NO_ROWS
             size = chunk.stat().st_size
             if size != expected:
-                return f"chunk file {chunk.name} has {size} bytes, expected {expected}"
+                return f"chunk file {chunk.name} has {size} bytes, expected {expected}", NO_ROWS
     if not checksums:
-        return None
+        return None, NO_ROWS
     try:
-        actual = arr.chunk_checksums()
+        scan = arr.scan()
     except (StoreError, OSError, ValueError) as err:
-        return f"unreadable: {err}"
-    bad = [i for i, (a, b) in enumerate(zip(actual, stored, strict=True)) if a != b]
+        return f"unreadable: {err}", NO_ROWS
+    bad = [i for i, (a, b) in enumerate(zip(scan.crc32, stored, strict=True)) if a != b]
     if bad:
-        pairs = ", ".join(f"chunk {i}: stored {stored[i]}, read {actual[i]}" for i in bad)
-        return f"checksum mismatch ({pairs})"
-    return None
+        pairs = ", ".join(f"chunk {i}: stored {stored[i]}, read {scan.crc32[i]}" for i in bad)
+        return f"checksum mismatch ({pairs})", scan.nonfinite_rows
+    return None, scan.nonfinite_rows
 
 
 def _verify_videos(store: FeatureStore, report: VerifyReport, checksums: bool, progress: bool) -> None:
@@ -99,10 +106,18 @@ def _verify_videos(store: FeatureStore, report: VerifyReport, checksums: bool, p
                 Problem("bad-video", vid, f"attributes {arr.attrs} disagree with shape {arr.shape}")
             )
             continue
-        why = _check_chunks(arr, checksums)
+        why, nonfinite = _check_chunks(arr, checksums)
         if why:
             kind = "checksum" if why.startswith("checksum") else "bad-video"
             report.problems.append(Problem(kind, vid, why))
+        if len(nonfinite):
+            clips = ", ".join(map(str, nonfinite[:5])) + (", ..." if len(nonfinite) > 5 else "")
+            report.problems.append(
+                Problem(
+                    "non-finite", vid, f"{len(nonfinite)} clip(s) hold NaN or Inf tokens (clips {clips}); "
+                    "training on them skips every step: re-extract the video"
+                )
+            )
 
 
 def _verify_queries(store: FeatureStore, report: VerifyReport, checksums: bool) -> set[int | str]:
@@ -119,19 +134,44 @@ def _verify_queries(store: FeatureStore, report: VerifyReport, checksums: bool) 
         except (StoreError, KeyError) as err:
             report.problems.append(Problem("bad-query-part", path.name, f"unusable metadata: {err}"))
             continue
-        why = None
+        why, nonfinite = None, NO_ROWS
         if len(part.shape) != 3 or part.shape[1:] != (k, cq):
             why = f"shape {part.shape}, the manifest says (N, {k}, {cq})"
         elif len(qids) != len(lengths) or sum(lengths) != part.shape[0] or min(lengths, default=1) < 1:
             why = f"{len(qids)} ids with {sum(lengths)} tokens in total do not fit {part.shape[0]} rows"
         else:
-            why = _check_chunks(part, checksums)
+            why, nonfinite = _check_chunks(part, checksums)
         if why:
             kind = "checksum" if why.startswith("checksum") else "bad-query-part"
             report.problems.append(Problem(kind, path.name, why))
         else:
             good.update(qids)
+        owners = np.searchsorted(np.cumsum(lengths), nonfinite, side="right") if len(nonfinite) else NO_ROWS
+        for index in np.unique(owners).tolist():
+            report.problems.append(
+                Problem(
+                    "non-finite", str(qids[index]), f"query tokens hold NaN or Inf (part {path.name}); "
+                    "training on them skips every step: re-extract the query"
+                )
+            )
     return good
+
+
+def _verify_complete(report: VerifyReport) -> None:
+    """An extraction or import killed before its last stage: tokens without annotations, or the
+    reverse (``r2 extract`` writes videos, then query tokens, then annotations)."""
+    rerun = "run the extraction or import again (it resumes)"
+    have = f"{report.videos} video(s) and {report.query_parts} query part(s)"
+    if not report.annotations:
+        detail = f"{have} but no annotations" if report.videos or report.query_parts else "the store is empty"
+        report.problems.append(Problem("incomplete", "store", f"{detail}: nothing to train on; {rerun}"))
+    elif not report.videos or not report.query_parts:
+        report.problems.append(
+            Problem(
+                "incomplete", "store", f"{report.annotations} annotations but {have}: the extraction stopped "
+                f"before writing all its tokens; {rerun}"
+            )
+        )
 
 
 def _verify_annotations(
@@ -192,4 +232,5 @@ def verify_store(
     with_tokens = _verify_queries(store, report, checksums)
     report.queries_with_tokens = len(with_tokens)
     _verify_annotations(store, report, with_tokens, max_clip_diff)
+    _verify_complete(report)
     return report

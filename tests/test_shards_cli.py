@@ -126,3 +126,34 @@ def test_verify_duration_mismatch_respects_tolerance(good_store):
     assert result.exit_code == 1 and problems(result) == [("duration-mismatch", "v0")]
     assert "T=5 clips but duration 20 s x 0.5 fps = 10 clips" in result.stdout
     assert run("verify", str(good_store.path), "--quiet", "--max-clip-diff", "5").exit_code == 0
+
+
+def test_verify_reports_an_extraction_killed_before_queries_and_annotations(tmp_path, tiny_manifest):
+    store = create_store(tmp_path / "s.zarr", tiny_manifest((K, P, C, CQ), dataset="qvhighlights", fps=0.5))
+    result = run("verify", str(store.path), "--quiet")
+    assert result.exit_code == 1 and problems(result) == [("incomplete", "store")]
+    assert "the store is empty" in result.stdout
+    for i, t in enumerate((5, 6)):  # `r2 extract` killed after its videos
+        store.write_video(f"v{i}", tokens(i, (t, K, P, C)), 0.5)
+    result = run("verify", str(store.path), "--quiet")
+    assert result.exit_code == 1 and problems(result) == [("incomplete", "store")]
+    assert "2 video(s) and 0 query part(s) but no annotations: nothing to train on" in result.stdout
+    qs = [Query(vid=f"v{i}", qid=i, text="q", duration=2.0 * (5 + i), split="train") for i in range(2)]
+    store.write_annotations(qs)  # annotations, but no query tokens at all
+    result = run("verify", str(store.path), "--quiet")
+    assert result.exit_code == 1
+    assert problems(result) == [("incomplete", "store"), *[("missing-query-tokens", str(i)) for i in (0, 1)]]
+    assert "2 annotations but 2 video(s) and 0 query part(s)" in result.stdout
+    store.write_queries([0, 1], [tokens(10, (3, K, CQ)), tokens(11, (4, K, CQ))])
+    assert run("verify", str(store.path), "--quiet").exit_code == 0
+
+
+def test_verify_reports_non_finite_tokens_unless_quick(good_store, monkeypatch):
+    monkeypatch.setattr("shards.store.check_finite", lambda array, what: None, raising=False)
+    bad = tokens(0, (5, K, P, C))
+    bad[3, 0, 1, 2] = np.nan
+    good_store.write_video("v0", bad, 0.5)
+    result = run("verify", str(good_store.path), "--quiet")
+    assert result.exit_code == 1 and problems(result) == [("non-finite", "v0")]
+    assert "1 clip(s) hold NaN or Inf tokens (clips 3)" in result.stdout
+    assert run("verify", str(good_store.path), "--quick", "--quiet").exit_code == 0

@@ -219,3 +219,35 @@ def test_import_with_an_openai_arch_name_needs_no_frame_size(tmp_path):
     )
     result = runner.invoke(app, [*args, "--frame-size", "336", "-q"])
     assert result.exit_code == 2 and "takes 224 px frames, not --frame-size 336" in result.stderr
+
+
+def test_import_npy_refuses_non_finite_tokens_naming_the_file(tmp_path):
+    queries = load_annotations("charades", CHARADES)
+    vids = sorted({q.vid for q in queries})
+    vdir, qdir = write_npy_cache(tmp_path, vids, [q.qid for q in queries])
+    bad = vdir / f"{vids[1]}.npy"
+    tokens = np.load(bad).astype(np.float32)
+    tokens[1, 0, 2, 3] = np.nan
+    np.save(bad, tokens)
+    out = tmp_path / "ch.zarr"
+    args = ["import-npy", "-d", "charades", "--video-dir", str(vdir), "--query-dir", str(qdir)]
+    args += ["-a", str(CHARADES), "--out", str(out), "--backbone", "tiny-vit", "--frame-size", "224", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {bad}: 1 value(s) not finite (NaN or Inf), the first at index (1, 0, 2, 3); the store "
+        "refuses non-finite tokens (training on them skips every step): fix or re-extract the features\n"
+    )
+    assert not open_store(out).has_video(vids[1])
+    np.save(bad, np.nan_to_num(tokens).astype(np.float16))
+    np.save(qdir / f"{queries[0].qid}.npy", np.full((2, K, CQ), np.inf, np.float32))
+    with pytest.raises(StoreError, match=rf"{qdir / str(queries[0].qid)}\.npy: 16 value\(s\) not finite"):
+        import_npy(
+            dataset="charades",
+            video_dir=vdir,
+            query_dir=qdir,
+            out=out,
+            backbone="tiny-vit",
+            frame_size=224,
+            progress=False,
+        )

@@ -1,4 +1,4 @@
-"""Sweep runner with a tiny injected trial function: failures, resume, results files, dask, Ctrl-C."""
+"""Sweep runner with a tiny injected trial function: failures, resume, results, threads, dask, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from train.sweep.results import best_command, format_table
 from train.sweep.runner import SweepError, plan_sweep, run_sweep
@@ -55,8 +56,10 @@ def test_failing_trial_is_recorded_and_resume_skips_finished_trials(tmp_path):
     assert json.loads((ok_dir / DONE_FILE).read_text())["overrides"] == {"epochs": "2", "lr": "1e-3",
                                                                        "loss_sal": "0.1"}
     assert best_command(result).endswith("--set epochs=2 --set lr=1e-4 --set loss_sal=0.1")
+    threads = torch.get_num_threads()      # recorded by the trials that ran in this process
+    best = plan.out_dir / "best"
     assert best_command(result).startswith(
-        f"r2 train --preset charades --store {plan.store} --out {plan.out_dir / 'best'} --set")
+        f"r2 train --preset charades --store {plan.store} --out {best} --threads {threads} --set")
     table = format_table(result).splitlines()
     assert table[0].split()[:3] == ["rank", "trial", KEY] and table[1].split()[1] == "002"
 
@@ -77,6 +80,24 @@ def test_failing_trial_is_recorded_and_resume_skips_finished_trials(tmp_path):
                          trial_fn=toy_trial, workers=0)
     assert [r.reused for r in extended.records] == [True, False, True, True]
     assert extended.records[2].name == plan.requests[2].name   # found by hash despite the new index
+
+
+def test_each_trial_records_its_torch_threads_and_the_best_command_repeats_them(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        result = run_sweep(_plan(tmp_path, ["lr=1e-4,1e-3"]), trial_fn=toy_trial, workers=0, threads=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.threads for r in result.records] == [3, 3]
+    done = Path(result.best().records[0].name)
+    assert json.loads((result.plan.out_dir / done / DONE_FILE).read_text())["threads"] == 3
+    assert " --threads 3 --set lr=1e-4" in best_command(result)
+
+    for record in result.records:             # trials finished before the count was recorded
+        path = result.plan.out_dir / record.name / DONE_FILE
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "threads"}))
+    again = run_sweep(_plan(tmp_path, ["lr=1e-4,1e-3"]), trial_fn=toy_trial, workers=0)
+    assert [r.threads for r in again.records] == [None, None] and "--threads" not in best_command(again)
 
 
 def test_sweep_folder_of_another_store_is_refused(tmp_path):

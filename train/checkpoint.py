@@ -62,6 +62,10 @@ def save_checkpoint(
 
     Returns:
         the checkpoint path.
+
+    Raises:
+        OSError: naming ``path`` when the disk is full or the folder read-only (also when ``torch.save``
+            reports it as a ``RuntimeError``: :func:`shards.atomic.writes_to`); ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

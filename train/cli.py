@@ -1,7 +1,8 @@
 """``r2 train``: train the R² model on a feature store (``--dry-run``: show the model and stop).
 
 Training itself is :func:`train.engine.trainer.train_run`; the device is ``--device`` or else
-``train.device``.
+``train.device``; ``--threads`` sets torch's intra-op threads (the count a sweep trial recorded, so that
+its printed command reproduces it bit for bit).
 
 ``train`` is the command function; ``r2.cli`` registers it as ``r2 train``.
 """
@@ -43,6 +44,10 @@ def train(
     device: str | None = typer.Option(
         None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)."
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="Torch intra-op threads (default: torch's); results differ in the last bits "
+        "between thread counts.",
+    ),
 ) -> None:
     """Train R²-Tuning with a preset's reference hyper-parameters (see docs/model.md)."""
     cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
@@ -52,6 +57,13 @@ def train(
     if store is None:
         raise ConfigError("training needs --store (a feature store); or use --dry-run")
     from train.engine.trainer import train_run  # heavy imports (store, loader) only when training
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads}: must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
 
     out = out or Path("runs") / cfg.preset
     result = train_run(cfg, store, out, resume=resume, device=device or cfg.train.device)

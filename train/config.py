@@ -175,6 +175,9 @@ class TrainConfig:
             in GiB; a batch whose videos would exceed it is emitted early with fewer queries.
         amp: fp16 autocast + gradient scaling on CUDA (heads and losses stay fp32).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        verify_reads: check every token read against the store's CRC-32 of its chunks (a corrupt
+            chunk stops the run with an error naming it); ``false`` only for a store that
+            ``r2 shards verify`` reported ok (docs/store.md gives the cost).
     """
 
     epochs: int = 30
@@ -194,6 +197,7 @@ class TrainConfig:
     loader_memory_gb: float = 4.0
     amp: bool = True
     device: str = "auto"
+    verify_reads: bool = True
 
 
 @dataclass

@@ -191,6 +191,7 @@ class LoaderConfig:
         num_workers: DataLoader worker processes (0 = in the calling process).
         prefetch_videos: videos read ahead by a background thread (0 = read on demand).
         max_bytes: bound on video-token bytes held by one loader process.
+        verify_reads: a store opened from its path checks the CRC-32 of what it reads.
     """
 
     batch_size: int = 32
@@ -201,6 +202,7 @@ class LoaderConfig:
     num_workers: int = 0
     prefetch_videos: int = 8
     max_bytes: int = 2 << 30
+    verify_reads: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.videos_per_batch < 1 or self.max_bytes < 1:
@@ -373,7 +375,8 @@ class GroupedQueryDataset(IterableDataset):
         """Source and selected queries of this process (reopened after a fork)."""
         if self._opened is None or self._opened[0] != os.getpid():
             src = self._source_arg
-            source = open_store(src) if isinstance(src, str | Path) else src
+            verify = self.config.verify_reads
+            source = open_store(src, verify_reads=verify) if isinstance(src, str | Path) else src
             selected, skipped = select_queries(source, self.config.splits, self._filter)
             self._opened = (os.getpid(), source, selected, skipped)
         return self._opened[1], self._opened[2], self._opened[3]

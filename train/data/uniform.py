@@ -101,8 +101,9 @@ class _StoreBatches(Dataset):
     """Worker side of streaming: batch ``i`` of a fixed list, assembled from the store (opened once
     per worker process, no cache)."""
 
-    def __init__(self, store: str | Path, batches: list[list[Query]]) -> None:
+    def __init__(self, store: str | Path, batches: list[list[Query]], verify_reads: bool = True) -> None:
         self.store = store
+        self.verify_reads = verify_reads
         self.batches = batches
         self._assemble: BatchAssembler | None = None
 
@@ -111,7 +112,7 @@ class _StoreBatches(Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         if self._assemble is None:
-            source = open_store(self.store)
+            source = open_store(self.store, verify_reads=self.verify_reads)
             plan = CachePlan("off", torch.device("cpu"), 0, 0)
             self._assemble = BatchAssembler(TokenCache(source, plan))
         return self._assemble(self.batches[index])
@@ -135,6 +136,7 @@ class UniformLoader:
         num_workers: worker processes that fetch streamed batches (ignored when tokens are cached:
             they are served from memory in this process).
         pin_memory: pinned host batches (training on a GPU).
+        verify_reads: workers check the CRC-32 of what they read (:func:`shards.store.open_store`).
     """
 
     def __init__(
@@ -148,8 +150,10 @@ class UniformLoader:
         query_filter: Callable[[Query], bool] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        verify_reads: bool = True,
     ) -> None:
         self.cache = cache
+        self.verify_reads = verify_reads
         self.store_path = store_path
         self.batch_size = batch_size
         self.repeat = repeat
@@ -178,7 +182,7 @@ class UniformLoader:
         batches = self.epoch_batches()
         if self.num_workers > 0:
             loader = DataLoader(
-                _StoreBatches(self.store_path, batches),
+                _StoreBatches(self.store_path, batches, self.verify_reads),
                 batch_size=None,
                 shuffle=False,
                 num_workers=self.num_workers,

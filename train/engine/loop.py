@@ -14,11 +14,13 @@ the random stream a run of its config alone would see (on CPU its weights, losse
 bit-identical), and its ``last.pt`` holds its own states, so an interrupted run resumes alone.
 
 With ``isolate_failures`` (the sweep), a model whose step, validation or files fail is set aside with
-its error and the others go on; otherwise (``r2 train``) the error propagates at once.
+its error and the others go on; otherwise (``r2 train``) the error propagates at once. A model whose
+steps are non-finite :data:`NONFINITE_STEPS` times in a row fails with :class:`NonFiniteLossError`.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shards.datasets import get_dataset
+from shards.errors import R2Error
 from train.config import RunConfig
 from train.data.batching import ModelInputs
 from train.engine.evaluate import predict_batch, score_predictions
@@ -44,6 +47,15 @@ from train.engine.rundata import RunData, epoch_inputs
 from train.engine.runlog import RunPaths
 from train.engine.step import TrainState, build_state, train_step
 
+NONFINITE_STEPS = 5
+"""Consecutive non-finite steps after which a model stops: steps whose loss is NaN or Inf, or, without
+a GradScaler, whose gradient norm is (the step is then skipped). AMP's skipped steps with a finite loss
+(the scaler backing off after an fp16 overflow) do not count, and a finite step resets the count."""
+
+
+class NonFiniteLossError(R2Error):
+    """A model's loss stayed non-finite for :data:`NONFINITE_STEPS` consecutive steps."""
+
 
 @dataclass
 class Member:
@@ -56,6 +68,7 @@ class Member:
         rng: its states of the global generators (:func:`train.engine.rng.capture_rng`).
         stats: running totals of the current epoch's steps.
         error: why it was set aside (``isolate_failures`` only), else ``None``.
+        nonfinite: consecutive non-finite steps so far (see :data:`NONFINITE_STEPS`).
     """
 
     state: TrainState
@@ -64,15 +77,29 @@ class Member:
     rng: dict[str, Any]
     stats: EpochStats = field(default_factory=lambda: EpochStats(lr=0.0))
     error: BaseException | None = None
+    nonfinite: int = 0
 
     def step(self, inputs: ModelInputs, size: int) -> dict[str, float]:
-        """One optimizer step on ``inputs`` (``size`` queries) with this model's generator states."""
+        """One optimizer step on ``inputs`` (``size`` queries) with this model's generator states.
+
+        Raises:
+            NonFiniteLossError: the :data:`NONFINITE_STEPS`-th non-finite step in a row.
+        """
         restore_rng(self.rng)
         try:
             out = train_step(self.state, inputs)
         finally:
             self.rng = capture_rng()
         self.stats.add(out, size)
+        bad = not math.isfinite(out["loss"]) or (bool(out["skipped"]) and not self.state.amp)
+        self.nonfinite = self.nonfinite + 1 if bad else 0
+        if self.nonfinite >= NONFINITE_STEPS:
+            raise NonFiniteLossError(
+                f"run {self.paths.root}: {self.nonfinite} training steps in a row had a non-finite loss or "
+                f"gradient (the last: loss {out['loss']:g}, gradient norm {out['grad_norm']:g}, iteration "
+                f"{self.state.iteration}, epoch {self.state.epoch + 1}), so none updated the weights; check "
+                "the store for non-finite tokens (`r2 shards verify STORE`) or lower the learning rate (lr)"
+            )
         return out
 
 

@@ -135,6 +135,7 @@ def train_loader(
             query_filter=_TrainableQueries(keep),
             num_workers=cfg.train.num_workers,
             pin_memory=pin,
+            verify_reads=cfg.train.verify_reads,
         )
     config = LoaderConfig(
         batch_size=cfg.train.batch_size,
@@ -144,6 +145,7 @@ def train_loader(
         seed=cfg.train.seed,
         num_workers=cfg.train.num_workers,
         max_bytes=int(cfg.train.loader_memory_gb * 2**30),
+        verify_reads=cfg.train.verify_reads,
     )
     source = store_path if cache.plan.mode == "off" else cache
     return StreamingLoader(source, config, query_filter=_TrainableQueries(keep), pin_memory=pin)
@@ -213,7 +215,7 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
         ConfigError: unknown device, no trainable queries in ``train.train_split``, or a
             ``train.val_split`` the store does not have.
     """
-    store = open_store(store_path)
+    store = open_store(store_path, verify_reads=cfg.train.verify_reads)
     cfg = config_for_store(cfg, store.manifest, store_path)
     torch_device = resolve_device(device)
     split = cfg.train.train_split

@@ -15,11 +15,12 @@ Layout of ``RUN_DIR``::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import atomic_path
+from shards.atomic import atomic_path, writes_to
 from shards.errors import R2Error
 
 
@@ -65,12 +66,15 @@ class RunPaths:
 def prepare_run_dir(out_dir: str | Path, resume: bool) -> tuple[RunPaths, bool]:
     """Create ``out_dir`` or check that it may be used.
 
+    With ``resume``, a folder that holds no ``last.pt`` but only files a run writes before it (a run
+    stopped in its first epoch, e.g. by a full disk) starts again from scratch: those files are removed.
+
     Returns:
         the paths and whether an earlier run is resumed (``resume`` and ``last.pt`` exists).
 
     Raises:
         RunDirError: ``out_dir`` is a file; or it holds files and ``resume`` is off; or ``resume``
-            is on, it holds files but no ``last.pt``.
+            is on, it holds no ``last.pt`` and other files than a run's.
     """
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
@@ -83,9 +87,26 @@ def prepare_run_dir(out_dir: str | Path, resume: bool) -> tuple[RunPaths, bool]:
             "or choose another --out"
         )
     if resume and busy and not paths.last.is_file():
-        raise RunDirError(f"cannot resume: {root} holds no last.pt (no completed epoch); use another --out")
+        files = sorted(root.iterdir())
+        if not all(_is_run_file(f) for f in files):
+            raise RunDirError(
+                f"cannot resume: {root} holds no last.pt (no completed epoch) and files of no run; "
+                "use another --out"
+            )
+        for file in files:
+            file.unlink()
+        busy = False
     root.mkdir(parents=True, exist_ok=True)
     return paths, resume and busy
+
+
+def _is_run_file(path: Path) -> bool:
+    """Whether ``path`` is a file a run writes (see the module docstring), or a temporary one of them."""
+    name = path.name
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4].rsplit(".", 1)[0]  # atomic_path's ".<name>.<random>.tmp"
+    known = {"config.json", "run.json", "metrics.jsonl", "last.pt", "best.pt", "best.json", "val_preds.jsonl"}
+    return path.is_file() and (name in known or re.fullmatch(r"epoch_\d{3,}\.pt", name) is not None)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -100,15 +121,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics log (``[]`` when absent)."""
+    """The records of a metrics log (``[]`` when absent).
+
+    A last line without its newline is the append of a run stopped mid-write (a full disk): it is left out.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    """Append one record to the metrics log (one JSON object per line)."""
-    with path.open("a", encoding="utf-8") as f:
+    """Append one record to the metrics log (one JSON object per line); an OSError names ``path``."""
+    with writes_to(path), path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 

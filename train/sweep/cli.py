@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from shards.cluster import DEFAULT_WORKER_TIMEOUT, check_worker_timeout
 from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_summary, format_table
 from train.sweep.runner import SHARED_PASS_MODES, SweepError, plan_sweep, run_sweep
 from train.sweep.spec import build_spec
@@ -44,8 +45,13 @@ def sweep(
         None, "--workers", help="LocalCluster worker processes (default: one per core or GPU); 0 = run here."
     ),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
+    worker_timeout: float = typer.Option(
+        DEFAULT_WORKER_TIMEOUT, "--worker-timeout",
+        help="Seconds to wait for the first worker of the --scheduler cluster before giving up.",
+    ),
     threads: int | None = typer.Option(
-        None, "--threads", help="Torch threads per trial (default: cores / workers; 1 with --scheduler)."
+        None, "--threads", help="Torch threads per trial (default: cores / workers; 1 with --scheduler); "
+        "recorded per trial, and the best command repeats it."
     ),
     device: str = typer.Option("auto", "--device", help="Device of the trials: auto, cpu, cuda, cuda:1."),
     shared_pass: str = typer.Option(
@@ -56,6 +62,7 @@ def sweep(
     (its mean over the seeds)."""
     if shared_pass not in SHARED_PASS_MODES:
         raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
+    check_worker_timeout(worker_timeout)
     sweep_spec = build_spec(spec_file=spec, preset=preset, store=store, grid=grid, ranges=ranges,
                             n_random=n_random, fixed=fixed, seed=seed, seeds=seeds)
     plan = plan_sweep(sweep_spec, out, device=device)
@@ -78,7 +85,7 @@ def sweep(
     try:
         result = run_sweep(
             plan, workers=workers, scheduler=scheduler, shared_pass=shared_pass, threads=threads,
-            on_record=report,
+            worker_timeout=worker_timeout, on_record=report,
         )
     except KeyboardInterrupt:
         typer.echo(

@@ -178,7 +178,9 @@ def best_command(result: SweepResult) -> str | None:
     """A ready-to-run ``r2 train`` command for the best configuration (fixed and swept overrides, never
     the seed of a seeded sweep), or ``None``.
 
-    It trains into ``SWEEP_DIR/best``; ``--arch`` is added for stores of a backbone other than ViT-B-32.
+    It trains into ``SWEEP_DIR/best``; ``--arch`` is added for stores of a backbone other than ViT-B-32, and
+    ``--threads N`` with the torch thread count the configuration's trials recorded (results differ in the
+    last bits between thread counts).
     """
     best = result.best()
     if best is None:
@@ -188,6 +190,9 @@ def best_command(result: SweepResult) -> str | None:
     parts += ["--out", str(plan.out_dir / "best")]
     if plan.arch and plan.arch != "ViT-B-32":
         parts += ["--arch", plan.arch]
+    threads = next((r.threads for r in best.finished() if r.threads is not None), None)
+    if threads is not None:
+        parts += ["--threads", str(threads)]
     for key, value in {**plan.spec.fixed, **best.params}.items():
         parts += ["--set", f"{key}={value}"]
     return " ".join(shlex.quote(p) for p in parts)

@@ -4,8 +4,10 @@
 :mod:`train.sweep.trials`); ``run_sweep`` skips the trials an earlier run finished, groups the rest into
 tasks (one trial, or K trials trained together on one shared data pass, see :mod:`train.sweep.shared`),
 runs the tasks -- on a ``LocalCluster`` sized to the machine (worker processes with one thread each), on
-an existing scheduler (``scheduler='tcp://host:8786'``), or in this process (``workers=0``) -- and writes
-``results.csv`` / ``results.json`` / ``sweep.png`` into the sweep directory (also when interrupted).
+an existing scheduler (``scheduler='tcp://host:8786'``, :mod:`shards.cluster`: wait for a worker, check
+that the workers see the store and the sweep directory, stop the running trials on Ctrl-C), or in this
+process (``workers=0``) -- and writes ``results.csv`` / ``results.json`` / ``sweep.png`` into the sweep
+directory (also when interrupted).
 
 A failing trial is recorded (``error.txt``, status ``failed``) and does not stop the others.
 """
@@ -22,6 +24,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from shards.cluster import (
+    DEFAULT_WORKER_TIMEOUT,
+    absolute,
+    cancel_tasks,
+    check_visible,
+    check_worker_timeout,
+    connect,
+    interruptible,
+    worker_count,
+)
 from shards.errors import R2Error
 from train.engine.runlog import write_json_atomic
 from train.sweep.results import SweepResult, write_results
@@ -58,7 +70,7 @@ class SweepPlan:
     Attributes:
         spec: the sweep description.
         preset: the config preset of every trial (``spec.preset``, checked).
-        store: feature store path (``spec.store``, checked).
+        store: feature store path (``spec.store``, checked, made absolute: workers may run elsewhere).
         out_dir: sweep directory.
         requests: one request per trial, in expansion order.
         key_metric: metric that ranks the trials.
@@ -97,6 +109,7 @@ def plan_sweep(
         raise SweepError("no feature store: give --store PATH (or 'store' in the spec file)")
     if not Path(store).exists():
         raise SweepError(f"feature store {store}: not found; extract one (r2 extract) or fix --store")
+    store = str(absolute(store))
     if key_metric is None:
         from train.sweep.config import with_loader_default
 
@@ -200,6 +213,13 @@ def run_task(requests: list[TrialRequest], trial_fn: TrialFn | None) -> list[Tri
     return [execute_trial(trial_fn, requests[0])]
 
 
+def run_task_on_worker(requests: list[TrialRequest], trial_fn: TrialFn | None) -> list[TrialRecord]:
+    """:func:`run_task` on a dask worker, stoppable by :func:`shards.cluster.cancel_tasks` (the trials
+    then stay pending)."""
+    with interruptible():
+        return run_task(requests, trial_fn)
+
+
 def _failed_task(requests: list[TrialRequest], err: BaseException) -> list[TrialRecord]:
     """Records for a task whose worker raised outside the trial bookkeeping (e.g. the worker died)."""
     return [fail_trial(r, err, 0.0) for r in requests]
@@ -207,13 +227,15 @@ def _failed_task(requests: list[TrialRequest], err: BaseException) -> list[Trial
 
 def _submit_all(client, tasks: list[list[TrialRequest]], trial_fn: TrialFn | None,
                 on_record: Callable[[TrialRecord], None]) -> None:
-    """Submit every task to ``client`` and pass their records on as they complete."""
+    """Submit every task to ``client`` and pass their records on as they complete; on the way out (Ctrl-C)
+    cancel the tasks left and stop those running on the workers."""
     from distributed import as_completed
 
     futures = {}
     try:
         for task in tasks:
-            future = client.submit(run_task, task, trial_fn, key=f"r2-sweep-{task[0].name}", pure=False)
+            future = client.submit(run_task_on_worker, task, trial_fn, key=f"r2-sweep-{task[0].name}",
+                                   pure=False)
             futures[future] = task
         for future in as_completed(futures):
             try:
@@ -223,7 +245,7 @@ def _submit_all(client, tasks: list[list[TrialRequest]], trial_fn: TrialFn | Non
             for record in records:
                 on_record(record)
     finally:
-        client.cancel(list(futures))
+        cancel_tasks(client, futures)
 
 
 def _run_tasks(
@@ -235,13 +257,13 @@ def _run_tasks(
     workers: int | None,
     scheduler: str | None,
     threads: int | None,
+    worker_timeout: float,
 ) -> None:
     """Group ``pending`` into tasks for the available slots and run them where asked."""
     if scheduler:
-        from distributed import Client
-
-        with Client(scheduler, timeout="20s") as client:
-            slots = max(1, len(client.scheduler_info()["workers"]))
+        with connect(scheduler, worker_timeout) as client:
+            check_visible(client, [pending[0].store, Path(pending[0].trial_dir).parent])
+            slots = max(1, worker_count(client))
             tasks = _with_threads(_make_tasks(pending, trial_fn, shared_pass, slots), threads or 1)
             _submit_all(client, tasks, trial_fn, on_record)
         return
@@ -293,6 +315,7 @@ def run_sweep(
     scheduler: str | None = None,
     shared_pass: str = "auto",
     threads: int | None = None,
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     on_record: Callable[[TrialRecord], None] | None = None,
 ) -> SweepResult:
     """Run every unfinished trial of ``plan`` and write the results.
@@ -306,12 +329,17 @@ def run_sweep(
         shared_pass: ``auto`` (group compatible trials when it pays), ``on`` (group all compatible
             trials), ``off``.
         threads: torch intra-op threads per trial (default: cores // workers on a LocalCluster, 1 on
-            an external cluster, torch's default in this process).
+            an external cluster, torch's default in this process); each trial records its count.
+        worker_timeout: seconds to wait for the first worker of an external cluster.
         on_record: called in this process with each record as it completes (also for reused trials).
 
     Returns:
         The records of all trials of the plan in plan order. ``KeyboardInterrupt`` is re-raised after
         the results of the finished trials were written.
+
+    Raises:
+        SweepError: a bad option. ClusterError: an external cluster without a worker, or whose workers
+            do not see the store or the sweep directory.
     """
     if shared_pass not in SHARED_PASS_MODES:
         raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
@@ -319,6 +347,7 @@ def run_sweep(
         raise SweepError(f"--workers {workers}: must be >= 0 (0 runs the trials in this process)")
     if threads is not None and threads < 1:
         raise SweepError(f"--threads {threads}: must be >= 1")
+    check_worker_timeout(worker_timeout)
     _record_spec(plan)
     finished, pending = _resolve_existing(plan)
     records = {r.index: r for r in finished}
@@ -336,7 +365,7 @@ def run_sweep(
     try:
         if pending:
             _run_tasks(pending, trial_fn, shared_pass, accept, workers=workers, scheduler=scheduler,
-                       threads=threads)
+                       threads=threads, worker_timeout=worker_timeout)
     finally:
         for request in pending:     # interrupted: a worker may have finished a trial not reported yet
             if records[request.index].status == "pending":

@@ -5,7 +5,8 @@ A trial directory ``SWEEP_DIR/trial-003_lr=1e-4_loss_sal=0.05-1a2b3c4d`` holds
 - whatever the trial function writes (the real trainer: resolved config, metrics log, checkpoints);
 - ``error.txt``   -- the traceback when the trial failed (removed when it is retried);
 - ``done.json``   -- written last, atomically, only when the trial finished: status, metrics, seconds,
-  overrides.
+  overrides, and the torch intra-op thread count it trained with (``threads``: results may differ in
+  the last bits between thread counts, so the best command repeats it with ``r2 train --threads``).
 
 The 8-hex suffix hashes the preset and every override (fixed and swept), so a re-run of the same
 sweep -- or of an extended one -- recognises finished trials by hash even when their index changed.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -75,6 +77,8 @@ class TrialRecord:
         error: last line of the error (``failed`` only).
         reused: finished in an earlier run of the sweep and skipped this time.
         shared: trained in a shared pass with other trials (number of models in the pass, else 1).
+        threads: torch intra-op threads the trial ran with (``ok`` only; ``None`` when torch was not
+            loaded, e.g. a custom trial function, or for a trial finished before this was recorded).
     """
 
     index: int
@@ -86,6 +90,7 @@ class TrialRecord:
     error: str | None = None
     reused: bool = False
     shared: int = 1
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +127,7 @@ def read_record(request: TrialRequest) -> TrialRecord:
         data = json.loads(done.read_text(encoding="utf-8"))
         return TrialRecord(
             request.index, request.name, request.params, "ok", metrics=data["metrics"],
-            seconds=data["seconds"], shared=data.get("shared", 1),
+            seconds=data["seconds"], shared=data.get("shared", 1), threads=data.get("threads"),
         )
     error = trial_dir / ERROR_FILE
     if error.is_file():
@@ -141,12 +146,15 @@ def start_trial(request: TrialRequest) -> None:
 def finish_trial(
     request: TrialRequest, metrics: dict[str, float], seconds: float, shared: int = 1
 ) -> TrialRecord:
-    """Write ``done.json`` (last, atomically) and return the ``ok`` record."""
+    """Write ``done.json`` (last, atomically) and return the ``ok`` record, with this process's torch
+    thread count (:func:`torch_threads`)."""
     metrics = {k: float(v) for k, v in metrics.items()}
+    threads = torch_threads()
     payload = {"status": "ok", "metrics": metrics, "seconds": seconds, "params": request.params,
-               "overrides": request.overrides, "shared": shared}
+               "overrides": request.overrides, "shared": shared, "threads": threads}
     write_json_atomic(Path(request.trial_dir) / DONE_FILE, payload)
-    return TrialRecord(request.index, request.name, request.params, "ok", metrics, seconds, shared=shared)
+    return TrialRecord(request.index, request.name, request.params, "ok", metrics, seconds, shared=shared,
+                       threads=threads)
 
 
 def fail_trial(request: TrialRequest, err: BaseException, seconds: float) -> TrialRecord:
@@ -164,6 +172,12 @@ def set_torch_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def torch_threads() -> int | None:
+    """Torch intra-op threads of this process, or ``None`` when torch is not loaded (nothing trained)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else int(torch.get_num_threads())
 
 
 def execute_trial(fn: TrialFn, request: TrialRequest) -> TrialRecord:
