@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from shards.manifest import Manifest, make_manifest
+from shards.manifest import Manifest
+from tests.helpers.fixtures import make_tiny_manifest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,30 +34,9 @@ def one_torch_thread() -> Iterable[None]:
 
 @pytest.fixture(scope="session")
 def tiny_manifest() -> Callable[..., Manifest]:
-    """Factory ``tiny_manifest((k, P, C, Cq), **overrides)`` of a store manifest with that token geometry.
-
-    The other fields default to a made-up ``tiny-vit`` backbone with random weights, 224-px frames,
-    Charades-STA at 1 clip per second; ``overrides`` replace any of them.
-    """
-
-    def make(geometry: tuple[int, int, int, int], **overrides: Any) -> Manifest:
-        layers, video_tokens, video_width, text_width = geometry
-        fields = dict(
-            dataset="charades",
-            backbone="tiny-vit",
-            pretrained="random:0",
-            weights_sha256="ab12",
-            layers=layers,
-            frame_size=224,
-            fps=1.0,
-            video_tokens=video_tokens,
-            video_width=video_width,
-            text_width=text_width,
-        )
-        fields.update(overrides)
-        return make_manifest(**fields)
-
-    return make
+    """Factory ``tiny_manifest((k, P, C, Cq), **overrides)`` of a store manifest with that token geometry
+    (:func:`tests.helpers.fixtures.make_tiny_manifest`)."""
+    return make_tiny_manifest
 
 
 @pytest.fixture(scope="session")

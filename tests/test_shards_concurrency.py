@@ -16,11 +16,12 @@ import pytest
 
 import shards.staging as staging_mod
 from shards.errors import StoreError
-from shards.manifest import Manifest, make_manifest
+from shards.manifest import Manifest
 from shards.schema import Query
 from shards.staging import Staging
 from shards.store import STAGING, create_store, open_store
 from shards.verify import verify_store
+from tests.helpers.fixtures import make_tiny_manifest
 
 K, P, C, CQ = 2, 3, 8, 4
 GEOMETRY = (K, P, C, CQ)
@@ -31,18 +32,7 @@ STORES = 8
 
 def manifest() -> Manifest:
     """The manifest of every store here (built in each child: fixtures do not reach spawned processes)."""
-    return make_manifest(
-        dataset="charades",
-        backbone="tiny-vit",
-        pretrained="random:0",
-        weights_sha256="ab12",
-        layers=K,
-        frame_size=224,
-        fps=1.0,
-        video_tokens=P,
-        video_width=C,
-        text_width=CQ,
-    )
+    return make_tiny_manifest((K, P, C, CQ))
 
 
 def video(writer: int, i: int) -> np.ndarray:

@@ -1,13 +1,36 @@
-"""Pytest fixtures the test modules share: a module-scoped synthetic store of a given spec."""
+"""What the test modules share besides conftest: a tiny store manifest, a module-scoped synthetic store."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shards.manifest import Manifest, make_manifest
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
+
+
+def make_tiny_manifest(geometry: tuple[int, int, int, int], **overrides: Any) -> Manifest:
+    """A store manifest with token geometry ``(k, P, C, Cq)``; the other fields default to a made-up
+    ``tiny-vit`` backbone with random weights, 224-px frames, Charades-STA at 1 clip per second, and
+    ``overrides`` replace any of them. A plain function, so spawned test processes can call it too."""
+    layers, video_tokens, video_width, text_width = geometry
+    fields: dict[str, Any] = dict(
+        dataset="charades",
+        backbone="tiny-vit",
+        pretrained="random:0",
+        weights_sha256="ab12",
+        layers=layers,
+        frame_size=224,
+        fps=1.0,
+        video_tokens=video_tokens,
+        video_width=video_width,
+        text_width=text_width,
+    )
+    fields.update(overrides)
+    return make_manifest(**fields)
 
 
 def synthetic_store_fixture(spec: SyntheticSpec) -> Callable[..., Path]:
