@@ -23,7 +23,7 @@ def evaluate(
 
     Args:
         dataset: registry name or alias (``qvhighlights``, ``charades``, ``tacos``, ``ego4d``,
-            ``youtube``, ``tvsum``).
+            ``youtube``, ``tvsum``, ``custom``); its registry entry names the metrics (``evaluator``).
         predictions: one per query: :class:`~eval.predictions.QueryPrediction` or a
             submission-format dict. Windows in seconds.
         ground_truth: the annotated queries (:func:`shards.annotations.load_annotations`).
@@ -42,11 +42,11 @@ def evaluate(
             the dataset is scored on.
     """
     spec = get_dataset(dataset)
-    if spec.name == "qvhighlights":
+    if spec.evaluator == "qvhighlights":
         return eval_qvhighlights(predictions, ground_truth, allow_missing)
-    if spec.name == "youtube":
+    if spec.evaluator == "youtube":
         return youtube_map(predictions, ground_truth, allow_missing, spec.domains)
-    if spec.name == "tvsum":
+    if spec.evaluator == "tvsum":
         return tvsum_top5_map(predictions, ground_truth, allow_missing, spec.domains)
     return eval_grounding(predictions, ground_truth, allow_missing)
 

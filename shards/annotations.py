@@ -15,6 +15,15 @@ Every supported file is JSON Lines, one object per line:
   ``[clips][20 annotators]`` scores 1..5 per 2-s clip; optional ``qid`` (default ``vid``) and
   ``duration``, which counts 2-s clips (so must equal ``len(label)``). ``Query.duration`` is
   ``2 * len(label)`` seconds.
+* Custom (one's own videos, ``--dataset custom``, docs/custom-data.md): ``vid`` (or ``video``, a
+  file name whose extension is dropped), ``query``, and the moment as ``start`` + ``end`` (s) or
+  ``relevant_windows``; optional ``qid`` (default: a stable id made of the video id and a hash of
+  the sentence and windows), ``duration`` (default: read from the video by the caller's
+  ``durations`` function, as ``r2 extract`` does) and QVHighlights-style saliency
+  (``relevant_clip_ids`` + ``saliency_scores`` over 2-s clips).
+
+The split of a file is the one given with it (``FILE:SPLIT``, :func:`annotation_file`), else the one
+its name names (:func:`infer_split`).
 
 Moment windows: a window with ``end < start`` is rejected. A window that sticks out of
 ``[0, duration]`` by at most one clip (``1 / fps`` of the dataset: 2 s QVHighlights / TACoS /
@@ -27,10 +36,12 @@ Errors are :class:`shards.errors.AnnotationError`; problems with one record star
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +75,21 @@ _SPLIT_WORDS = {
 
 _Entry = tuple[str, int, Query]  # (file, line, query)
 _Parser = Callable[[dict[str, Any], str, DatasetSpec, str], Query]
+Durations = Callable[[str], float]
+"""Duration in seconds of a video id (``custom`` records without ``duration``)."""
+
+
+def annotation_file(arg: str | Path) -> tuple[Path, str | None]:
+    """``FILE`` or ``FILE:SPLIT`` (as given to ``--annotations``) → ``(path, split or None)``.
+
+    ``SPLIT`` is any of ``train``/``training``/``val``/``valid``/``validation``/``test``/``testing``
+    (normalized to ``train``/``val``/``test``); anything else after the last colon belongs to the
+    file name.
+    """
+    head, sep, tail = str(arg).rpartition(":")
+    if sep and head and tail.lower() in _SPLIT_WORDS:
+        return Path(head), _SPLIT_WORDS[tail.lower()]
+    return Path(arg), None
 
 
 def infer_split(path: str | Path) -> str | None:
@@ -96,28 +122,39 @@ def load_annotations(dataset: str, path: str | Path, split: str | None = None) -
     return [q for _, _, q in entries]
 
 
-def load_many(dataset: str, paths: Iterable[str | Path], split: str | None = None) -> list[Query]:
+def load_many(
+    dataset: str,
+    paths: Iterable[str | Path],
+    split: str | None = None,
+    durations: Durations | None = None,
+) -> list[Query]:
     """Parse several annotation files of ``dataset`` and concatenate them in the given order.
 
-    The split of each file is inferred from its name unless ``split`` is given (then it applies
-    to all). Query ids must be unique over all files, and one video must have one duration;
-    a clash names both places (``file:line``).
+    Each item is ``FILE`` or ``FILE:SPLIT`` (:func:`annotation_file`); a file's split is the one
+    given with it, else ``split`` (applies to all), else the one its name names. Query ids must be
+    unique over all files, and one video must have one duration; a clash names both places
+    (``file:line``). ``durations`` gives the length of videos whose ``custom`` records have no
+    ``duration``.
 
     Raises:
         AnnotationError: as :func:`load_annotations`, or no files given.
     """
     spec = get_dataset(dataset)
-    files = [Path(p) for p in paths]
+    files = [annotation_file(p) for p in paths]
     if not files:
         raise AnnotationError(f"no {spec.title} annotation files given; pass at least one .jsonl file")
-    entries = [e for p in files for e in _load_entries(spec, p, split)]
+    entries = [e for path, given in files for e in _load_entries(spec, path, given or split, durations)]
     _check_consistent(entries)
     return [q for _, _, q in entries]
 
 
-def _load_entries(spec: DatasetSpec, path: Path, split: str | None) -> list[_Entry]:
+def _load_entries(
+    spec: DatasetSpec, path: Path, split: str | None, durations: Durations | None = None
+) -> list[_Entry]:
     split = _resolve_split(spec, path, split)
-    parse = _PARSERS.get(spec.name, _parse_moments)
+    parse = partial(_parse_custom, durations=durations) if spec.name == "custom" else (
+        _PARSERS.get(spec.name, _parse_moments)
+    )
     name = str(path)
     entries = []
     for line, record in _read_records(spec, path):
@@ -131,7 +168,7 @@ def _resolve_split(spec: DatasetSpec, path: Path, split: str | None) -> str:
         if split is None:
             raise AnnotationError(
                 f"{path}: cannot tell the split from the file name; put one of "
-                f"{', '.join(spec.splits)} in the name or pass the split explicitly"
+                f"{', '.join(spec.splits)} in the name or give it after the file: {path}:train"
             )
     _check_split(spec, path, split)
     return split
@@ -423,6 +460,65 @@ def _parse_tvsum(record: dict[str, Any], where: str, spec: DatasetSpec, split: s
         split=split,
         saliency={"scores": scores},
         domain=domain,
+    )
+
+
+def _custom_vid(record: dict[str, Any], where: str) -> str:
+    """``vid``, or the stem of ``video`` (a file name)."""
+    if record.get("vid") is not None or record.get("video") is None:
+        return _vid(record, where)
+    name = _text(record["video"], "video", where)
+    return _safe_id(Path(name).stem if Path(name).suffix else name, "video", where)
+
+
+def _custom_windows(record: dict[str, Any], where: str) -> Any:
+    """``relevant_windows``, or ``[[start, end]]``, or ``None`` (no moment)."""
+    start, end = record.get("start"), record.get("end")
+    if start is None and end is None:
+        return record.get("relevant_windows")
+    if record.get("relevant_windows") is not None:
+        raise AnnotationError(
+            f"{where}: give the moment as 'start' + 'end' or as 'relevant_windows', not both"
+        )
+    if start is None or end is None:
+        missing = "start" if start is None else "end"
+        raise AnnotationError(f"{where}: missing required field '{missing}' (required with the other)")
+    return [[start, end]]
+
+
+def custom_qid(vid: str, text: str, windows: Any) -> str:
+    """The id of a ``custom`` record without ``qid``: ``<vid>-<8 hex>`` from a hash of the video, the
+    sentence and the windows, so it stays the same however the file is reordered."""
+    digest = hashlib.sha1(json.dumps([vid, text, windows]).encode("utf-8")).hexdigest()[:8]
+    return f"{vid}-{digest}"
+
+
+def _parse_custom(
+    record: dict[str, Any], where: str, spec: DatasetSpec, split: str, durations: Durations | None = None
+) -> Query:
+    """``custom`` schema (module docstring): moment_detr fields with ``qid`` and ``duration`` optional."""
+    vid = _custom_vid(record, where)
+    text = _text(_required(record, "query", where), "query", where)
+    windows = _custom_windows(record, where)
+    if record.get("duration") is not None:
+        duration = _positive(record["duration"], "duration", where)
+    elif durations is not None:
+        duration = durations(vid)
+    else:
+        raise AnnotationError(
+            f"{where}: missing field 'duration'; give the video's length in seconds (r2 extract reads it "
+            "from the video when the field is absent)"
+        )
+    qid = _qid(record, where) if record.get("qid") is not None else custom_qid(vid, text, windows)
+    tolerance = spec.clip_seconds or 0.0
+    return Query(
+        vid=vid,
+        qid=qid,
+        text=text,
+        duration=duration,
+        split=split,
+        moments=[] if windows is None else _windows(windows, duration, tolerance, where),
+        saliency=_qvh_saliency(record, duration, where),
     )
 
 

@@ -17,7 +17,8 @@ class DatasetSpec:
     """Fixed properties of one dataset.
 
     Attributes:
-        name: registry key: ``qvhighlights`` | ``charades`` | ``tacos`` | ``ego4d`` | ``youtube`` | ``tvsum``.
+        name: registry key: ``qvhighlights`` | ``charades`` | ``tacos`` | ``ego4d`` | ``youtube`` | ``tvsum``
+            | ``custom`` (one's own videos: docs/custom-data.md).
         title: human-readable name, e.g. ``Charades-STA``.
         fps: frames per second sampled for the features; ``None`` = per-video rate from the
             annotation (``auto``, YouTube Highlights: :attr:`shards.schema.Query.fps`).
@@ -33,6 +34,9 @@ class DatasetSpec:
             :attr:`nms_thres`), ``linear`` (scale scores by ``1 - IoU``), ``None`` for ``hd``.
         nms_thres: IoU threshold of ``normal`` NMS, else ``None``.
         key_metric: metric that ranks checkpoints (key of the evaluator's result dict).
+        evaluator: which official metrics score it (:func:`eval.metrics.evaluate`): ``qvhighlights``
+            (moment mAP and recall, highlight metrics when saliency is annotated), ``grounding``
+            (recall at IoU thresholds), ``youtube`` or ``tvsum`` (highlight mAP per domain).
     """
 
     name: str
@@ -47,6 +51,7 @@ class DatasetSpec:
     nms_mode: str | None
     nms_thres: float | None
     key_metric: str
+    evaluator: str = "grounding"
 
     @property
     def clip_seconds(self) -> float | None:
@@ -68,6 +73,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         nms_mode="normal",
         nms_thres=0.7,
         key_metric="MR-full-mAP",
+        evaluator="qvhighlights",
     ),
     DatasetSpec(
         name="charades",
@@ -124,6 +130,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         nms_mode=None,
         nms_thres=None,
         key_metric="mAP",
+        evaluator="youtube",
     ),
     DatasetSpec(
         name="tvsum",
@@ -138,6 +145,22 @@ _SPECS: tuple[DatasetSpec, ...] = (
         nms_mode=None,
         nms_thres=None,
         key_metric="mAP",
+        evaluator="tvsum",
+    ),
+    DatasetSpec(
+        name="custom",
+        title="custom",
+        fps=0.5,
+        clip_unit=None,
+        video_suffix="",
+        splits=("train", "val", "test"),
+        domains=(),
+        task="mr",
+        aliases=(),
+        nms_mode="normal",
+        nms_thres=0.7,
+        key_metric="MR-full-mAP",
+        evaluator="qvhighlights",
     ),
 )
 

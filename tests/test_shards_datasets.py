@@ -8,10 +8,10 @@ from shards.datasets import dataset_names, get_dataset, video_filename_stem
 from shards.errors import R2Error, UnknownDatasetError
 from shards.paths import unsafe_id_reason
 
-NAMES = ["qvhighlights", "charades", "tacos", "ego4d", "youtube", "tvsum"]
+NAMES = ["qvhighlights", "charades", "tacos", "ego4d", "youtube", "tvsum", "custom"]
 
 
-def test_registry_lists_the_six_datasets() -> None:
+def test_registry_lists_the_six_datasets_and_custom() -> None:
     assert dataset_names() == NAMES
     assert [get_dataset(n).name for n in NAMES] == NAMES
 
@@ -25,6 +25,7 @@ def test_registry_lists_the_six_datasets() -> None:
         ("ego4d", 0.5, None, "mr", "linear", None),
         ("youtube", None, None, "hd", None, None),
         ("tvsum", 0.5, None, "hd", None, None),
+        ("custom", 0.5, None, "mr", "normal", 0.7),
     ],
 )
 def test_reference_facts(

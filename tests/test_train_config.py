@@ -65,8 +65,8 @@ def test_dry_run_of_an_unknown_backbone_needs_its_dims() -> None:
 
 def test_preset_names() -> None:
     names = preset_names()
-    assert names[:4] == ["qvhighlights", "ego4d", "charades", "tacos"]
-    assert names[4:] == [f"youtube_{d}" for d in YOUTUBE] + [f"tvsum_{d}" for d in TVSUM]
+    assert names[:5] == ["qvhighlights", "ego4d", "charades", "tacos", "custom"]
+    assert names[5:] == [f"youtube_{d}" for d in YOUTUBE] + [f"tvsum_{d}" for d in TVSUM]
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ command line with ``--set key=value`` (:func:`apply_overrides`), using the dotte
 
 Presets (:func:`get_preset`) reproduce the reference configs of R²-Tuning (ViT-B/32 numbers; other
 backbones only change the token dimensions): ``qvhighlights``, ``charades``, ``tacos``, ``ego4d``,
-``youtube_<domain>`` (e.g. ``youtube_dog``) and ``tvsum_<DOMAIN>`` (e.g. ``tvsum_BK``).
-Evaluation settings (NMS, clip rounding unit, key metric) come from :mod:`shards.datasets`.
+``youtube_<domain>`` (e.g. ``youtube_dog``) and ``tvsum_<DOMAIN>`` (e.g. ``tvsum_BK``), plus ``custom``
+for one's own videos (a starting point, docs/custom-data.md). Evaluation settings (NMS, clip rounding unit, key metric) come from :mod:`shards.datasets`.
 """
 
 from __future__ import annotations
@@ -178,6 +178,13 @@ class TrainConfig:
         verify_reads: check every token read against the store's CRC-32 of its chunks (a corrupt
             chunk stops the run with an error naming it); ``false`` only for a store that
             ``r2 shards verify`` reported ok (docs/store.md gives the cost).
+        log_every: optimizer steps between two reads of the per-step values (losses, gradient norm,
+            skipped steps) from the device: the steps in between never wait on the GPU.
+        read_threads: threads that assemble host batches (reads from the store or the RAM cache into
+            pinned buffers).
+        compile: ``torch.compile`` the R² model (opt-in; same outputs as eager within float tolerance).
+        deterministic: what the reference sets for reproducible GPU runs (``cudnn.deterministic``,
+            ``torch.use_deterministic_algorithms``); slower on CUDA (docs/training.md).
     """
 
     epochs: int = 30
@@ -198,6 +205,10 @@ class TrainConfig:
     amp: bool = True
     device: str = "auto"
     verify_reads: bool = True
+    log_every: int = 50
+    read_threads: int = 4
+    compile: bool = False
+    deterministic: bool = False
 
 
 @dataclass
@@ -284,6 +295,13 @@ _MR_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "loss": {"sal_weight": 0.05},
         "optim": {"lr": 2.5e-4, "lr_steps": (50,), "warmup_iters": 500},
         "train": {"epochs": 100, "batch_size": 32, "val_split": "test"},
+    },
+    # One's own videos (docs/custom-data.md): the Charades-STA recipe with a warm-up that a dataset of a
+    # few hundred queries leaves early; a starting point to sweep, not a tuned setting.
+    "custom": {
+        "model": {"dropout": 0.3},
+        "optim": {"lr": 2.5e-4, "lr_steps": (40,), "warmup_iters": 20},
+        "train": {"epochs": 50, "batch_size": 32},
     },
 }
 _HD_EPOCHS = {"youtube": 200, "tvsum": 500}
@@ -388,6 +406,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.repeat >= 1 and cfg.train.val_every >= 1, "train.repeat and train.val_every must be >= 1"),
         (cfg.train.pool_size >= 1, "train.pool_size must be >= 1"),
         (cfg.train.loader_memory_gb > 0, "train.loader_memory_gb must be > 0"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.read_threads >= 1, "train.read_threads must be >= 1"),
         (cfg.train.batching in ("uniform", "pooled"), "train.batching must be uniform or pooled"),
         (cfg.train.cache in ("auto", "device", "ram", "off"), "train.cache must be auto, device, ram or off"),
         (cfg.train.cache_gb is None or cfg.train.cache_gb > 0, "train.cache_gb must be > 0 or none"),
