@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,19 +63,35 @@ def writes_to(path: str | Path) -> Iterator[None]:
         raise OSError(err.errno, err.strerror, str(path)) from exc
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the process's umask (``0o666 & ~umask``: 0644 under umask 022),
+    as ``open`` would give it; ``mkstemp`` alone makes files 0600."""
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file next to ``path`` (missing parent folders are created) for the block to write.
 
     When the block completes the file replaces ``path``; when it raises the file is removed, so
-    ``path`` never holds half-written data. A full disk or an unwritable folder raises an
-    :class:`OSError` naming ``path`` (:func:`writes_to`).
+    ``path`` never holds half-written data. The file gets the mode the umask gives new files
+    (:func:`file_mode`), so colleagues read runs as they read any other file. A full disk or an
+    unwritable folder raises an :class:`OSError` naming ``path`` (:func:`writes_to`).
     """
     path = Path(path)
     with writes_to(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, file_mode())
+        finally:
+            os.close(fd)
         try:
             yield Path(tmp)
             os.replace(tmp, path)
