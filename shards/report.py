@@ -84,6 +84,18 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _spread(stats: dict[str, Any]) -> str:
+    """``min/mean/max`` of :func:`_stats`, or ``none`` when there were no values."""
+    if stats["min"] is None:
+        return "none"
+    return f"min/mean/max {stats['min']}/{stats['mean']}/{stats['max']}"
+
+
+def _splits(counts: dict[str, int]) -> str:
+    """``(train 4, test 4)``; empty when there are none."""
+    return "(" + ", ".join(f"{split} {n}" for split, n in counts.items()) + ")" if counts else ""
+
+
 def format_summary(info: dict[str, Any]) -> str:
     """Human-readable text of an :func:`inspect_store` result."""
     m, v, q, a = info["manifest"], info["videos"], info["queries"], info["annotations"]
@@ -98,11 +110,10 @@ def format_summary(info: dict[str, Any]) -> str:
         f"frame {m['frame_size']} px, fps {fps}",
         f"format       v{m['format_version']}, {m['dtype']}, package {m['package_version']}, "
         f"created {m['created']}",
-        f"videos       {v['count']}  T min/mean/max {clips['min']}/{clips['mean']}/{clips['max']}"
-        f"  ({v['clips_total']} clips, {_size(v['bytes'])})",
-        f"queries      {q['count']} with tokens in {q['parts']} part(s)  L min/mean/max "
-        f"{tokens['min']}/{tokens['mean']}/{tokens['max']}  ({_size(q['bytes'])})",
-        f"annotations  {a['count']} {a['splits']} over {a['videos']} videos "
+        f"videos       {v['count']}  T {_spread(clips)}  ({v['clips_total']} clips, {_size(v['bytes'])})",
+        f"queries      {q['count']} with tokens in {q['parts']} part(s)  L {_spread(tokens)}  "
+        f"({_size(q['bytes'])})",
+        f"annotations  {a['count']} {_splits(a['splits'])} over {a['videos']} videos "
         f"({a['videos_missing']} not in the store)",
         f"on disk      {_size(info['disk']['bytes'])} in {info['disk']['files']} files",
     ]

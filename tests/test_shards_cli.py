@@ -63,6 +63,15 @@ def test_inspect_text(good_store):
     result = run("inspect", str(good_store.path))
     assert result.exit_code == 0
     assert "videos       3  T min/mean/max 5/6.0/7" in result.stdout and "tiny-vit" in result.stdout
+    assert "annotations  4 (train 3, val 1) over 3 videos" in result.stdout
+
+
+def test_inspect_text_of_an_empty_store_prints_words_not_python(tmp_path, tiny_manifest):
+    create_store(tmp_path / "e.zarr", tiny_manifest((K, P, C, CQ), dataset="qvhighlights", fps=0.5))
+    result = run("inspect", str(tmp_path / "e.zarr"))
+    assert result.exit_code == 0, result.output
+    assert "videos       0  T none" in result.stdout and "L none" in result.stdout
+    assert "None" not in result.stdout and "{" not in result.stdout
 
 
 def test_verify_clean_store(good_store):
