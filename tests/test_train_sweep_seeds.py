@@ -17,7 +17,7 @@ from tests.helpers.fixtures import synthetic_store_fixture
 from tests.helpers.synthetic import SyntheticSpec
 from train.config import get_preset
 from train.sweep.config import request_config
-from train.sweep.results import best_command, best_summary, format_table
+from train.sweep.results import best_command, best_summary, format_table, plot_sweep
 from train.sweep.runner import plan_sweep, run_sweep
 from train.sweep.shared import data_key
 from train.sweep.spec import SweepSpecError, build_spec, expand
@@ -228,3 +228,25 @@ def test_cli_three_seed_sweep_prints_mean_std_and_keeps_seeds_out_of_shared_pass
     requests = plan_sweep(build_spec(preset="tacos", store=store, grid=["lr=1e-3"], seeds=2, fixed=TINY),
                           tmp_path / "x").requests
     assert data_key(request_config(requests[0])) != data_key(request_config(requests[1]))
+
+
+def test_epoch_counts_are_integers_in_the_csv_and_an_all_zero_plot_stays_above_zero(tmp_path):
+    plan = _plan(tmp_path, grid=["lr=1e-3,1e-4"], fixed=["seed=42"])
+    result = run_sweep(
+        plan, trial_fn=lambda r: {KEY: 0.0, "best_epoch": 3.0, "epochs": 5.0}, workers=0
+    )
+    rows = list(csv.DictReader((plan.out_dir / "results.csv").open()))
+    assert [(row["best_epoch"], row["epochs"], row[KEY]) for row in rows] == [("3", "5", "0.0")] * 2
+    from matplotlib.figure import Figure
+
+    drawn: list[tuple[float, float]] = []
+    original = Figure.savefig
+
+    def keep_limits(fig, *args, **kwargs):
+        drawn.extend(ax.get_ylim() for ax in fig.axes)
+        return original(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", keep_limits)
+        plot_sweep(result, tmp_path / "sweep.png")
+    assert drawn and all(bottom >= 0.0 and top > bottom for bottom, top in drawn)

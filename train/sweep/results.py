@@ -313,6 +313,17 @@ def _number_or_blank(value: float) -> float | str:
     return "" if math.isnan(value) else value
 
 
+COUNT_METRICS = frozenset({"best_epoch", "epochs"})
+"""Reported values that count epochs: written as integers (``3``, not ``3.0``)."""
+
+
+def _metric_cell(name: str, value: Any) -> Any:
+    """A trial's metric as a CSV cell: counts as integers, the rest as they are."""
+    if name in COUNT_METRICS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def results_csv(result: SweepResult) -> str:
     """The ranked rows as CSV text (see the module docstring for the columns of either view)."""
     metrics = _metric_names(result)
@@ -323,7 +334,7 @@ def results_csv(result: SweepResult) -> str:
         writer.writerow(["rank", "index", "name", "status", *metrics, *keys, "seconds", "shared", "reused",
                          "error"])
         for rank, r in enumerate(result.ranked(), 1):
-            values = [r.metrics.get(m, "") for m in metrics]
+            values = [_metric_cell(m, r.metrics.get(m, "")) for m in metrics]
             writer.writerow([rank, r.index, r.name, r.status, *values, *(r.params.get(k, "") for k in keys),
                              f"{r.seconds:.3f}", r.shared, int(r.reused), r.error or ""])
         return out.getvalue()
@@ -448,6 +459,9 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
             j = done.index(best)
             ax.scatter([xs[j]], [means[j]], s=90, facecolors="none", edgecolors="tab:red", linewidths=2,
                        label="best")
+        if min(v for s in stats for v in s.values) >= 0:  # metrics are non-negative: no axis below 0
+            bottom, top = ax.get_ylim()
+            ax.set_ylim(max(bottom, 0.0), top if top > 0 else 1.0)
         ax.set_xlabel(name or "configuration")
         ax.set_ylabel(f"{key} (mean over seeds)" if result.seeded else key)
         ax.grid(True, alpha=0.3)
