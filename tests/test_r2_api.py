@@ -57,3 +57,31 @@ def test_readme_python_section_imports_only_from_r2() -> None:
                 assert [alias.name for alias in node.names] == ["r2"], "README imports a non-r2 module"
     assert {"Predictor", "Grounder", "open_store"} <= imported
     assert imported <= set(r2.__all__)
+
+
+def test_readme_python_blocks_run_as_written_after_make_demo(tmp_path, monkeypatch) -> None:
+    """The README's Python section, executed in a folder holding what `make demo` writes."""
+    from typer.testing import CliRunner
+
+    from r2.cli import build_app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "extract").mkdir()
+    (tmp_path / "extract" / "sample").symlink_to(ROOT / "extract" / "sample")
+    app, runner = build_app(), CliRunner()
+    steps = [
+        ["extract", "--sample", "--out", "cache/sample.zarr", "--no-progress"],
+        ["train", "--preset", "charades", "--store", "cache/sample.zarr", "--out", "runs/demo",
+         "--device", "cpu", "--set", "epochs=2", "--set", "batch_size=4", "--set", "warmup=1",
+         "--set", "train.num_workers=0"],
+    ]
+    for args in steps:
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+    namespace: dict[str, object] = {}
+    for block in _readme_python_blocks():
+        exec(compile(block, "README.md", "exec"), namespace)
+    moments, raw, result = namespace["moments"], namespace["raw"], namespace["result"]
+    assert len(moments) >= 1 and all(0.0 <= start <= end <= 31.0 for start, end, _ in moments)
+    assert raw.moments.shape[1] == 3 and raw.saliency.ndim == 1
+    assert result.best_epoch is not None and (tmp_path / "runs" / "mine" / "val_preds.jsonl").is_file()
