@@ -263,7 +263,7 @@ def test_docs_plain_zarr_snippet_runs(store):
     store.write_queries([1], [qtokens(2, 4)])
     store.write_annotations([Query(vid="a", qid=1, text="t", duration=5.0, split="train")])
     scope: dict = {}
-    exec(code.replace("cache/qvhighlights/ViT-B-32_k4_0.5fps.zarr", str(store.path)), scope)
+    exec(code.replace("cache/qvhighlights/ViT-B-32_openai_k4.zarr", str(store.path)), scope)
     np.testing.assert_array_equal(scope["tokens"], tokens(0, 5))
     assert scope["manifest"]["layers"] == K and scope["fps"] == 1.0
     assert sorted(scope["query_tokens"], key=str) == [1, "b"]
