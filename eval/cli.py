@@ -10,7 +10,8 @@ from typing import Any
 from eval.metrics import evaluate
 from eval.postprocess import postprocess_for
 from eval.predictions import QueryPrediction, read_predictions
-from shards.annotations import infer_split, load_annotations
+from shards.annotation_files import infer_split
+from shards.annotations import load_annotations
 from shards.datasets import DatasetSpec, get_dataset
 from shards.schema import Query
 

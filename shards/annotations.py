@@ -22,8 +22,8 @@ Every supported file is JSON Lines, one object per line:
   ``durations`` function, as ``r2 extract`` does) and QVHighlights-style saliency
   (``relevant_clip_ids`` + ``saliency_scores`` over 2-s clips).
 
-The split of a file is the one given with it (``FILE:SPLIT``, :func:`annotation_file`), else the one
-its name names (:func:`infer_split`).
+Which files are read, and the split of each (``FILE:SPLIT``, the file name, or one file per split of a
+folder), is decided by :mod:`shards.annotation_files`.
 
 Moment windows: a window with ``end < start`` is rejected. A window that sticks out of
 ``[0, duration]`` by at most one clip (``1 / fps`` of the dataset: 2 s QVHighlights / TACoS /
@@ -39,12 +39,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from shards.annotation_files import infer_split, resolve_annotation_args
 from shards.datasets import DatasetSpec, get_dataset
 from shards.errors import AnnotationError
 from shards.jsonl import json_type_name, read_json_objects
@@ -63,44 +63,10 @@ DURATION_TOLERANCE = 1e-3
 YOUTUBE_DURATION_TOLERANCE = 0.01
 """Seconds an explicit YouTube ``duration`` may differ from ``frames / fps``."""
 
-_SPLIT_WORDS = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
-
 _Entry = tuple[str, int, Query]  # (file, line, query)
 _Parser = Callable[[dict[str, Any], str, DatasetSpec, str], Query]
 Durations = Callable[[str], float]
 """Duration in seconds of a video id (``custom`` records without ``duration``)."""
-
-
-def annotation_file(arg: str | Path) -> tuple[Path, str | None]:
-    """``FILE`` or ``FILE:SPLIT`` (as given to ``--annotations``) → ``(path, split or None)``.
-
-    ``SPLIT`` is any of ``train``/``training``/``val``/``valid``/``validation``/``test``/``testing``
-    (normalized to ``train``/``val``/``test``); anything else after the last colon belongs to the
-    file name.
-    """
-    head, sep, tail = str(arg).rpartition(":")
-    if sep and head and tail.lower() in _SPLIT_WORDS:
-        return Path(head), _SPLIT_WORDS[tail.lower()]
-    return Path(arg), None
-
-
-def infer_split(path: str | Path) -> str | None:
-    """Split named by the file name (``train`` / ``val`` / ``test``), ``None`` if none or ambiguous.
-
-    The name is cut into words at every non-alphanumeric character, so
-    ``highlight_test_with_gt.jsonl`` → ``test`` and ``nlq_val.jsonl`` → ``val``.
-    """
-    words = re.split(r"[^a-z0-9]+", Path(path).name.lower())
-    found = {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
-    return found.pop() if len(found) == 1 else None
 
 
 def load_annotations(dataset: str, path: str | Path, split: str | None = None) -> list[Query]:
@@ -130,8 +96,9 @@ def load_many(
 ) -> list[Query]:
     """Parse several annotation files of ``dataset`` and concatenate them in the given order.
 
-    Each item is ``FILE`` or ``FILE:SPLIT`` (:func:`annotation_file`); a file's split is the one
-    given with it, else ``split`` (applies to all), else the one its name names. Query ids must be
+    Each item is ``FILE``, ``FILE:SPLIT`` or a folder (one file per split:
+    :func:`shards.annotation_files.resolve_annotation_args`); a file's split is the one given with it,
+    else ``split`` (applies to all), else the one its name names. Query ids must be
     unique over all files, and one video must have one duration; a clash names both places
     (``file:line``). ``durations`` gives the length of videos whose ``custom`` records have no
     ``duration``.
@@ -140,7 +107,7 @@ def load_many(
         AnnotationError: as :func:`load_annotations`, or no files given.
     """
     spec = get_dataset(dataset)
-    files = [annotation_file(p) for p in paths]
+    files = resolve_annotation_args(list(paths), spec.name).files
     if not files:
         raise AnnotationError(f"no {spec.title} annotation files given; pass at least one .jsonl file")
     entries = [e for path, given in files for e in _load_entries(spec, path, given or split, durations)]

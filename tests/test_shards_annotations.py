@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from shards.annotations import infer_split, load_annotations, load_many
+from shards.annotation_files import infer_split
+from shards.annotations import load_annotations, load_many
 from shards.errors import AnnotationError, UnknownDatasetError
 
 DATA = Path(__file__).parent / "data" / "annotations"

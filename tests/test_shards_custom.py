@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from eval.metrics import evaluate
-from shards.annotations import annotation_file, custom_qid, load_many
+from shards.annotation_files import annotation_file
+from shards.annotations import custom_qid, load_many
 from shards.errors import AnnotationError
 
 
