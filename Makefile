@@ -1,5 +1,6 @@
 # Front door of the toolkit. Every target installs what it needs into a local venv on first use.
 #   make demo                  extract -> train -> eval -> predict on the embedded sample (CPU, offline)
+#   make serve [CHECKPOINT=...] web page to ground sentences in a video (default: the demo's checkpoint)
 #   make test                  ruff, mypy and the test suite (what CI runs); GPU tests skip without CUDA
 #   make test-gpu              only the GPU tests (pytest -m cuda), on a machine with CUDA
 #   make extract DATASET=tacos extract CLIP tokens for data/tacos/ into cache/tacos/
@@ -87,6 +88,15 @@ demo: $(STAMP)
 		--annotations $(SAMPLE)/charades_sample_test.jsonl
 	$(BIN)/r2 predict $(SAMPLE)/univtg_charades.mp4 "$(DEMO_QUERY)" --checkpoint $(DEMO_RUN)/best.pt \
 		--device cpu --plot $(DEMO_RUN)/predict.png
+
+# The grounding page on http://127.0.0.1:$(PORT)/ (r2 serve; docs/serve.md); after `make demo` it serves the demo's model.
+CHECKPOINT ?= $(DEMO_RUN)/best.pt
+HOST ?= 127.0.0.1
+PORT ?= 8000
+.PHONY: serve
+serve: $(STAMP)
+	@test -f "$(CHECKPOINT)" || { echo "no checkpoint at $(CHECKPOINT): run \`make demo\` first, or give one: make serve CHECKPOINT=runs/<run>/best.pt" >&2; exit 2; }
+	$(BIN)/r2 serve --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from extract.config import SAMPLE_DATASET, ExtractConfig, sample_paths
+from extract.config import MAX_DECODE_WORKERS, SAMPLE_DATASET, ExtractConfig, sample_paths
 from shards.cliutil import user_errors
 from shards.cluster import DEFAULT_WORKER_TIMEOUT
 from shards.errors import ConfigError
@@ -28,6 +28,19 @@ def _parse_fps(value: str | None) -> float | None:
         return float(value)
     except ValueError:
         raise ConfigError(f"--fps must be a number of frames per second or 'auto', got {value!r}") from None
+
+
+def _parse_workers(value: str) -> int | None:
+    """``auto`` -> ``None`` (:func:`extract.config.decode_workers` decides), else a positive integer."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ConfigError(f"--workers must be 'auto' or a number of decoding threads >= 1, got {value!r}")
+    return workers
 
 
 def _report(summary: ExtractSummary) -> None:
@@ -65,7 +78,11 @@ def extract(
     layers: int = typer.Option(4, help="k: last blocks kept from each tower"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     batch_size: int = typer.Option(32, help="frames per image-tower forward pass"),
-    workers: int = typer.Option(2, help="video decoding threads (per process)"),
+    workers: str = typer.Option(
+        "auto",
+        help=f"video decoding threads per process: auto = one per usable CPU core minus one "
+        f"(1..{MAX_DECODE_WORKERS}), or a number",
+    ),
     scheduler: str = typer.Option(None, help="dask scheduler ADDRESS to fan out over, or 'local'"),
     dask_workers: int = typer.Option(None, help="LocalCluster worker processes (default: one per GPU)"),
     worker_timeout: float = typer.Option(
@@ -112,7 +129,7 @@ def extract(
             layers=layers,
             device=device,
             batch_size=batch_size,
-            workers=workers,
+            workers=_parse_workers(workers),
             scheduler=scheduler,
             dask_workers=dask_workers,
             worker_timeout=worker_timeout,

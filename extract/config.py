@@ -1,4 +1,12 @@
-"""Settings of one extraction run, and where the embedded sample lives."""
+"""Settings of one extraction run, where the embedded sample lives, and how many threads decode.
+
+Decoding is the ceiling of an extraction on a GPU (one PyAV decoder samples tens to a few hundred
+frames per second; the image tower of ViT-B/32 encodes thousands), so by default every core this
+process may use decodes: ``workers`` = ``auto`` gives one decoding thread per usable core
+(``os.sched_getaffinity``) minus one for the thread that feeds the model, at least 1 and at most
+:data:`MAX_DECODE_WORKERS`; an explicit number wins. Each decoder lets FFmpeg use its share of the
+cores (:func:`decoder_threads`), so the threads of all decoders add up to about the core count.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.cluster import DEFAULT_WORKER_TIMEOUT
+from shards.device import usable_cores
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 """File extensions tried, in this order, for ``<videos>/<vid><suffix><ext>``."""
@@ -13,6 +22,24 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 """The embedded sample: two short real videos and Charades-STA-style annotations (see its README)."""
 SAMPLE_DATASET = "charades"
+MAX_DECODE_WORKERS = 32
+"""Most decoding threads ``auto`` gives one process: past this, the threads contend for Python's GIL
+(their per-frame Python work); more processes (``--dask-workers``) scale further."""
+
+
+def decode_workers(requested: int | None, processes: int = 1) -> int:
+    """Decoding threads of one extracting process: ``requested`` when given, else (``auto``) the
+    usable cores shared by ``processes`` extracting processes on this host, minus one per process
+    for the thread that feeds the model, clamped to ``1..MAX_DECODE_WORKERS``."""
+    if requested is not None:
+        return requested
+    return max(1, min(MAX_DECODE_WORKERS, usable_cores() // max(1, processes) - 1))
+
+
+def decoder_threads(decoders: int) -> int:
+    """FFmpeg threads of each of ``decoders`` concurrent decoders: their share of the usable cores
+    (at least 1), so that several decoders do not oversubscribe the machine."""
+    return max(1, usable_cores() // max(1, decoders))
 
 
 def sample_paths() -> tuple[Path, list[Path]]:
@@ -38,7 +65,8 @@ class ExtractConfig:
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         batch_size: frames per forward pass of the image tower.
         query_batch_size: sentences per forward pass of the text tower.
-        workers: decoding threads (each decodes one video at a time).
+        workers: decoding threads, each decoding one video at a time; ``None`` (``auto``) = one per
+            usable core minus one, 1..:data:`MAX_DECODE_WORKERS` (:func:`decode_workers`).
         scheduler: dask scheduler address for a fan-out over an existing cluster, ``local`` for a
             :class:`dask.distributed.LocalCluster`, ``None`` = in-process (a LocalCluster with one
             worker per GPU is started automatically when several GPUs are visible).
@@ -64,7 +92,7 @@ class ExtractConfig:
     device: str = "auto"
     batch_size: int = 32
     query_batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None
     scheduler: str | None = None
     dask_workers: int | None = None
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT

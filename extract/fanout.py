@@ -7,11 +7,13 @@ written by many processes, or hosts sharing the file system. The driver (the ``r
 process) creates the store, collects results and failures, and writes queries and annotations;
 the text tower also runs on the workers, the driver never loads the model.
 
-With a :class:`~dask.distributed.LocalCluster`, worker ``i`` uses GPU ``i mod #GPUs``; workers of
-an external cluster (``--scheduler ADDRESS``) use the device they are given (e.g. set
-``CUDA_VISIBLE_DEVICES`` per worker). With an external cluster the driver waits (``--worker-timeout``)
-for a worker, and checks that the workers see the videos folder, a weights file and the store (every
-path is sent absolute) before a video is sent (:mod:`shards.cluster`).
+With a :class:`~dask.distributed.LocalCluster`, worker ``i`` uses GPU ``i mod #GPUs``
+(:func:`shards.device.worker_device`); workers of an external cluster (``--scheduler ADDRESS``) use
+the device they are given (e.g. set ``CUDA_VISIBLE_DEVICES`` per worker). Each task makes its device
+the current CUDA device (:func:`shards.device.use_device`), so no worker opens a context on GPU 0.
+With an external cluster the driver waits (``--worker-timeout``) for a worker, and checks that the
+workers see the videos folder, a weights file and the store (every path is sent absolute) before a
+video is sent (:mod:`shards.cluster`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 
 from extract.backbone import BackboneInfo, ClipBackbone, WeightsError, load_backbone, warn_random_weights
-from extract.config import ExtractConfig
+from extract.config import ExtractConfig, decode_workers
 from extract.pipeline import VideoResult, VideoTask, extract_videos
 from shards.cluster import absolute, check_visible, connect
+from shards.device import trial_gpus, use_device, visible_gpus, worker_device
 from shards.errors import R2Error
 from shards.store import FeatureStore, open_store
 
@@ -53,33 +56,31 @@ class BackboneSpec:
 
 
 def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
-    """The backbone of this worker process, built on first use and kept for later tasks."""
+    """The backbone of this worker process, built on first use and kept for later tasks, on this
+    worker's device (made the current CUDA device of the calling thread on every call)."""
+    device = str(use_device(_worker_device(spec.device)))
     backbone = _BACKBONES.get(spec)
     if backbone is None:
         _BACKBONES.clear()
         backbone = load_backbone(
-            spec.arch,
-            spec.pretrained,
-            spec.layers,
-            _worker_device(spec.device),
-            spec.seed,
-            spec.cache_dir,
-            spec.precision,
+            spec.arch, spec.pretrained, spec.layers, device, spec.seed, spec.cache_dir, spec.precision
         )
         _BACKBONES[spec] = backbone
     return backbone
 
 
 def _worker_device(device: str) -> str:
-    """``cuda:<i mod #GPUs>`` for LocalCluster worker ``i`` when several GPUs are visible, else ``device``."""
-    count = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-    if count > 1:
-        from distributed import get_worker
+    """This LocalCluster worker's device for ``device`` (:func:`shards.device.worker_device`); ``device``
+    outside a dask worker."""
+    if device == "cpu":
+        return device
+    from distributed import get_worker
 
+    try:
         name = get_worker().name
-        if isinstance(name, int):
-            return f"cuda:{name % count}"
-    return device
+    except ValueError:
+        return device
+    return worker_device(device, visible_gpus(), name)
 
 
 def describe_task(spec: BackboneSpec) -> BackboneInfo:
@@ -88,9 +89,17 @@ def describe_task(spec: BackboneSpec) -> BackboneInfo:
 
 
 def extract_task(
-    spec: BackboneSpec, sha256: str, store_path: str, tasks: list[VideoTask], batch_size: int, workers: int
+    spec: BackboneSpec,
+    sha256: str,
+    store_path: str,
+    tasks: list[VideoTask],
+    batch_size: int,
+    workers: int | None,
+    processes: int = 1,
 ) -> list[VideoResult]:
-    """Worker task: extract ``tasks`` into the store at ``store_path`` with this worker's backbone.
+    """Worker task: extract ``tasks`` into the store at ``store_path`` with this worker's backbone,
+    decoding with ``workers`` threads (``None``: this host's cores shared by ``processes`` extracting
+    processes, :func:`extract.config.decode_workers`).
 
     Raises:
         WeightsError: this worker's weights differ from the driver's (another file on this host).
@@ -102,7 +111,8 @@ def extract_task(
             "host must see the same --pretrained weights"
         )
     store = open_store(store_path, mode="a", expect={"weights_sha256": sha256})
-    return extract_videos(backbone, store, tasks, batch_size=batch_size, workers=workers)
+    threads = decode_workers(workers, processes=processes)
+    return extract_videos(backbone, store, tasks, batch_size=batch_size, workers=threads)
 
 
 def encode_task(spec: BackboneSpec, texts: list[str]) -> list[np.ndarray]:
@@ -125,10 +135,12 @@ class DaskRunner:
 
         self.cfg = cfg
         self.cluster = None
+        self.local_processes = 1  # extracting processes on one host: they share its cores for decoding
         if cfg.scheduler not in (None, "local"):
             self.client = connect(cfg.scheduler, cfg.worker_timeout)
         else:
-            workers = cfg.dask_workers or max(1, torch.cuda.device_count())
+            workers = cfg.dask_workers or max(1, len(trial_gpus(cfg.device, visible_gpus())))
+            self.local_processes = workers
             self.cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
@@ -170,6 +182,7 @@ class DaskRunner:
                 group,
                 self.cfg.batch_size,
                 self.cfg.workers,
+                self.local_processes,
                 pure=False,
             ): group
             for group in split_tasks(tasks, self._workers())

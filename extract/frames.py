@@ -128,16 +128,18 @@ def preprocess(frames: np.ndarray | torch.Tensor, device: str | torch.device | N
     """CLIP-normalise frames: ``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 on ``device``.
 
     ``x / 255``, then ``(x - mean) / std`` per channel with the OpenAI CLIP constants. The
-    uint8 frames are moved to ``device`` first, so a GPU receives 4x fewer bytes.
+    uint8 frames are moved to ``device`` first, so a GPU receives 4x fewer bytes; from pinned memory
+    the copy is asynchronous (the caller keeps the frames unchanged until the device has read them).
     """
     if isinstance(frames, np.ndarray) and not frames.flags.writeable:
         frames = frames.copy()
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {tuple(x.shape)} {x.dtype}")
-    x = x.to(device if device is not None else "cpu").permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    x = x.to(device if device is not None else "cpu", non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).to(x.device, non_blocking=True).view(1, 3, 1, 1)  # no wait for the GPU
+    std = torch.tensor(CLIP_STD).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous()
 
 
@@ -211,13 +213,14 @@ def _check_complete(
         )
 
 
-def sample_frames(path: str | Path, fps: float, size: int = 224) -> Iterator[np.ndarray]:
+def sample_frames(path: str | Path, fps: float, size: int = 224, threads: int = 0) -> Iterator[np.ndarray]:
     """Stream the frames the reference samples from ``path`` at ``fps`` frames per second.
 
     Yields ``(size, size, 3)`` uint8 RGB frames, one per ``1 / fps`` seconds (about
     ``round(duration * fps)`` frames): the last source frame before the middle of each clip,
     resized so the short side is ``size`` (bicubic) and centre-cropped. Decoding is streamed:
-    memory does not grow with the video's length.
+    memory does not grow with the video's length. ``threads``: FFmpeg decoding threads (frame and
+    slice threading; 0 = FFmpeg's choice, about one per core); the frames do not depend on it.
 
     Raises:
         VideoError: the file is missing, empty, not a video, has no video stream, fails to
@@ -231,6 +234,7 @@ def sample_frames(path: str | Path, fps: float, size: int = 224) -> Iterator[np.
     container, stream = _open(path)
     with container:
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         time_base = stream.time_base or Fraction(1, 1000)
         start = container.start_time or 0  # microseconds, removed like the ffmpeg command line does
         offset = (start * time_base.denominator + time_base.numerator * 500_000) // (

@@ -176,8 +176,9 @@ def _check_config(cfg: ExtractConfig) -> None:
     if not cfg.videos.is_dir():
         raise VideoError(f"videos folder {cfg.videos} does not exist (pass --videos DIR)")
     for name in ("batch_size", "query_batch_size", "workers", "layers"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.fps is not None and not cfg.fps > 0:

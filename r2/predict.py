@@ -18,6 +18,7 @@ videos are cut into overlapping windows of at most ``window`` clips; a video giv
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,12 +179,20 @@ class Predictor:
             raise VideoError(_too_many_clips(path, round(info.duration * self.fps), self.fps, info.duration))
         return info.duration
 
-    def encode_video(self, path: str | Path, batch_size: int = 32) -> EncodedVideo:
+    def encode_video(
+        self,
+        path: str | Path,
+        batch_size: int = 32,
+        progress: Callable[[int, int | None], None] | None = None,
+    ) -> EncodedVideo:
         """Sample ``path`` at the checkpoint's fps and run frozen CLIP on the frames.
 
         Frames are streamed in batches of ``batch_size``; only the fp16 tokens are kept. The
         video is checked first (:meth:`check_video`), and stopped should it give more than
         :data:`MAX_CLIPS` clips all the same (a container that understates its duration).
+        ``progress(done, expected)`` is called after each batch with the clips encoded so far and
+        the clips the duration promises (``round(duration * fps)``, ``None`` when unknown); an
+        exception it raises stops the encoding.
 
         Raises:
             VideoError: a folder, a missing or undecodable file, no clip at all (a video shorter
@@ -191,6 +200,7 @@ class Predictor:
                 the video's frame rate.
         """
         duration = self.check_video(path)
+        expected = None if duration is None else round(duration * self.fps)
         chunks: list[np.ndarray] = []
         batch: list[np.ndarray] = []
 
@@ -198,6 +208,8 @@ class Predictor:
             images = preprocess(np.stack(batch), device=self.backbone.device)
             chunks.append(self.backbone.encode_frames(images).to("cpu", torch.float16).numpy())
             batch.clear()
+            if progress is not None:
+                progress(sum(len(chunk) for chunk in chunks), expected)
 
         for clips, frame in enumerate(sample_frames(path, self.fps, self.backbone.frame_size), 1):
             if clips > MAX_CLIPS:

@@ -16,7 +16,7 @@ from shards.errors import ConfigError, VideoError
 if TYPE_CHECKING:
     from r2.predict import VideoPrediction
 
-def _submission_record(qid: int | str, vid: str, result: VideoPrediction) -> dict[str, Any]:
+def submission_record(qid: int | str, vid: str, result: VideoPrediction) -> dict[str, Any]:
     """One line of the submission format ``r2 eval`` reads (:mod:`eval.predictions`), with the
     ``query`` text, keys in the official order; seconds and scores to 4 decimals."""
     windows = np.round(result.moments.astype(np.float64), 4)
@@ -78,7 +78,7 @@ def predict(
             result = predictor.predict(encoded, sentence)
             if as_json:
                 qid = (int(qids[i]) if qids[i].isdigit() else qids[i]) if qids else i
-                typer.echo(json.dumps(_submission_record(qid, video.stem, result)))
+                typer.echo(json.dumps(submission_record(qid, video.stem, result)))
             else:
                 typer.echo(f"“{sentence}”  ({encoded.duration:.1f} s, {len(encoded.tokens)} clips)")
                 for rank, (start, end, score) in enumerate(result.moments[:top], 1):

@@ -13,7 +13,12 @@ For two store shapes -- QVHighlights (T=75, k=4, P=50, C=768, 2 queries per vide
    token cache (:mod:`train.data.cache`; its filling pass from a cold store, then warm), streamed from
    the store (cold) and assembled from tokens already in RAM;
 3. the pooled loader over the whole store (cold);
-4. full training samples/s on CPU (default loader -> model inputs -> forward/backward/AdamW, D=256).
+4. training steps on ``--device`` (the preset's model, D=256; the presets' batches on a GPU, 8 queries
+   on the CPU, 4 with ``--quick``) fed by the trainer's data path
+   (:func:`train.engine.rundata.open_run_data`, uniform batches) with each token cache -- ``device``
+   (GPU only), ``ram``, ``off`` (streamed, cold) -- and, as the baseline of the same run, on batches
+   already on the device: samples/s, the step time split into data wait and compute, and the busy
+   fraction of the GPU (CUDA events read once per interval, :class:`StepClock`).
 
 Then the peak RSS of a 1-epoch ``train_run`` over stores of 1k and 10k small videos, each in a
 fresh subprocess (``VmHWM``: the peak RSS of the child image, i.e. its ``ru_maxrss`` without the
@@ -24,12 +29,14 @@ Prints a markdown report (pasted into ``docs/training.md``).
 
     python scripts/bench_train.py                 # full: 200 videos per shape (~14 GB of disk)
     python scripts/bench_train.py --quick         # smoke run (small stores)
+    python scripts/bench_train.py --device cuda --training-only   # the GPU table only
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -37,21 +44,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from benchlib import drop_cache, machine
 
-from shards.datasets import get_dataset
 from shards.store import open_store
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
-from train.data.batching import model_inputs
+from train.config import RunConfig
+from train.data.batching import ModelInputs
 from train.data.cache import CachePlan, TokenCache
 from train.data.loader import LoaderConfig, MemorySource, StreamingLoader, TokenSource
 from train.data.uniform import UniformLoader
-from train.engine.step import build_state, train_step
+from train.engine.rundata import RunData, epoch_inputs, open_run_data
+from train.engine.step import TrainState, build_state, train_step
 from train.engine.trainer import train_run
 
 QVH = SyntheticSpec(
@@ -68,7 +77,7 @@ RSS_OVERRIDES = ["model.dims=32", "model.heads=4", "batch_size=128", "train.pool
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def rate(batches: Iterator, limit_s: float) -> tuple[float, int]:
+def rate(batches: Iterable, limit_s: float) -> tuple[float, int]:
     """(queries per second, queries) over ``batches`` (objects with ``len``), stopping after ``limit_s``."""
     start, n = time.perf_counter(), 0
     for batch in batches:
@@ -160,8 +169,10 @@ def bench_loader(spec: SyntheticSpec, root: Path, subset: int, batch: int, pools
         queries,
     )
     repeat = max(1, 200 // len(queries))  # passes of >= 200 queries
-    result = {"videos": spec.n_videos, "queries": spec.n_videos * spec.queries_per_video, "subset": subset,
-              "subset_queries": len(queries), "build_s": built, "gb": _size(store_path) / 1e9, "pools": {}}
+    result: dict[str, Any] = {
+        "videos": spec.n_videos, "queries": spec.n_videos * spec.queries_per_video, "subset": subset,
+        "subset_queries": len(queries), "build_s": built, "gb": _size(store_path) / 1e9, "pools": {},
+    }
     for pool in pools:
         cfg = LoaderConfig(batch_size=batch, videos_per_batch=pool, seed=0)
 
@@ -209,27 +220,124 @@ def bench_uniform(store_path: Path, store: TokenSource, ram: MemorySource, keep:
     return row
 
 
-def bench_training(spec: SyntheticSpec, root: Path, preset: str, batch: int, steps: int) -> dict:
-    """Training samples/s on CPU with the preset's model (D=256): the default loader (uniform batches,
-    RAM token cache) -> inputs -> optimizer step."""
-    cfg = synthetic_run_config(spec, preset, [f"batch_size={batch}", "train.num_workers=0"])
-    state = build_state(cfg, "cpu")
+class StepClock:
+    """Splits the wall time of consecutive training steps into data wait and compute.
+
+    Data wait: host time spent getting the next model inputs (loader + copies to the device). On
+    CUDA each step is bracketed by CUDA events, read once at the end of the interval (one
+    ``torch.cuda.synchronize``, none per step): compute is the sum of the GPU spans from a step's
+    first to its last work, the gaps are the GPU idle time between consecutive steps, and GPU busy
+    is compute / wall. On the CPU compute is the host time inside the steps.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.data_s = self.host_compute_s = 0.0
+        self.steps = self.queries = 0
+        self._sync()
+        self.start = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def fetch(self, inputs: Iterator[tuple[ModelInputs, int]]) -> tuple[ModelInputs, int]:
+        """The next ``(inputs, queries)``, timed as data wait."""
+        start = time.perf_counter()
+        item = next(inputs)
+        self.data_s += time.perf_counter() - start
+        return item
+
+    def step(self, state: TrainState, inputs: ModelInputs, queries: int) -> None:
+        """One optimizer step, timed as compute."""
+        start = time.perf_counter()
+        if self.cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream = torch.cuda.current_stream(self.device)
+            begin.record(stream)
+            train_step(state, inputs)
+            end.record(stream)
+            self.events.append((begin, end))
+        else:
+            train_step(state, inputs)
+        self.host_compute_s += time.perf_counter() - start
+        self.steps += 1
+        self.queries += queries
+
+    def result(self) -> dict:
+        """Steps, queries/s, per-step wall, data wait, compute and gap (ms), GPU busy fraction."""
+        self._sync()
+        wall = time.perf_counter() - self.start
+        if self.cuda:
+            compute = sum(b.elapsed_time(e) for b, e in self.events) / 1e3
+            pairs = zip(self.events, self.events[1:], strict=False)
+            gaps = sum(end.elapsed_time(begin) for (_, end), (begin, _) in pairs) / 1e3
+        else:
+            compute, gaps = self.host_compute_s, self.data_s
+        per_step = 1e3 / max(self.steps, 1)
+        return {"steps": self.steps, "samples_per_s": self.queries / wall, "step_ms": wall * per_step,
+                "data_ms": self.data_s * per_step, "data_share": self.data_s / wall,
+                "compute_ms": compute * per_step, "gap_ms": gaps * per_step, "busy": compute / wall}
+
+
+def forever(data: RunData, cfg: RunConfig, first_epoch: int = 0) -> Iterator[tuple[ModelInputs, int]]:
+    """Model inputs of the trainer's epochs (:func:`train.engine.rundata.epoch_inputs`) back to back."""
+    for epoch in itertools.count(first_epoch):
+        yield from epoch_inputs(data.loader, cfg, data.spec, data.device, epoch)
+
+
+def fill_cache(data: RunData) -> None:
+    """Read every training video and query into the run's token cache (its first epoch would)."""
+    loader = data.loader
+    assert isinstance(loader, UniformLoader)
+    for q in loader.queries:
+        loader.cache.video_tensor(q.vid)
+        loader.cache.read_query(q.qid)
+
+
+def timed_steps(state: TrainState, inputs: Iterator[tuple[ModelInputs, int]], steps: int) -> dict:
+    """One warm-up step, then ``steps`` timed ones (:class:`StepClock`)."""
+    state.model.train()
+    batch, size = next(inputs)
+    train_step(state, batch)
+    clock = StepClock(state.device)
+    for _ in range(steps):
+        batch, size = clock.fetch(inputs)
+        clock.step(state, batch, size)
+    return clock.result()
+
+
+def bench_steps(spec: SyntheticSpec, root: Path, preset: str, batch: int, steps: int, device: str) -> dict:
+    """Training steps with the preset's model (D=256) and the trainer's data path (uniform batches,
+    :func:`train.engine.rundata.open_run_data`) per token cache: ``device`` (CUDA only), ``ram``,
+    ``off`` (streamed from the store, page cache dropped first); and the baseline: the same steps on
+    two batches already on the device, cycled (no data path at all)."""
     store_path = root / f"{spec.dataset}.zarr"
-    store = open_store(store_path)
-    loader = _uniform(store, store_path, "ram", set(store.video_ids()), batch)
-    dataset = get_dataset(cfg.dataset)
-    generator = torch.Generator().manual_seed(0)
-    timed = n = 0
-    start = time.perf_counter()
-    for i, b in enumerate(loader):
-        if i == 1:  # the first step warms up allocators and kernels
-            start, n = time.perf_counter(), 0
-        train_step(state, model_inputs(b, dataset, cfg.model.layers, state.device, generator))
-        n += len(b)
-        timed = i
-        if i >= steps:
-            break
-    return {"batch": batch, "steps": timed, "samples_per_s": n / (time.perf_counter() - start)}
+    torch_device = torch.device(device)
+    workers = [] if torch_device.type == "cuda" else ["train.num_workers=0"]  # 2 shared cores: none
+    modes = ["device", "ram", "off"] if torch_device.type == "cuda" else ["ram", "off"]
+    rows: dict[str, dict] = {}
+    state: TrainState | None = None
+    for mode in modes:
+        overrides = [f"batch_size={batch}", f"train.cache={mode}", *workers]
+        cfg, data = open_run_data(synthetic_run_config(spec, preset, overrides), store_path, device)
+        state = state or build_state(cfg, torch_device)
+        if mode == "off":
+            drop_cache(store_path)
+        else:
+            fill_cache(data)
+        inputs = forever(data, cfg)
+        if mode == modes[0]:  # the baseline: inputs already on the device
+            cached = [next(inputs), next(inputs)]
+            rows["baseline"] = timed_steps(state, itertools.cycle(cached), steps)
+            del cached
+        rows[mode] = timed_steps(state, inputs, steps)
+        del data, inputs
+        if torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"batch": batch, "modes": rows}
 
 
 def rss_child(store_path: str, out_dir: str) -> None:
@@ -265,8 +373,37 @@ def _size(path: Path) -> int:
 # ------------------------------------------------------------------------------------------- report
 
 
+MODE_NAMES = {"baseline": "inputs already on the device (baseline)", "device": "device cache",
+              "ram": "RAM cache", "off": "streamed (cold)"}
+
+
+def training_table(training: dict[str, dict]) -> list[str]:
+    """The step-time split per shape and token cache, with samples/s relative to the baseline."""
+    lines = [
+        "",
+        "Training steps (preset model, D=256; the trainer's uniform loader; per step: wall = data wait "
+        "(host) + the rest; busy = compute / wall, on CUDA the GPU span of the steps from CUDA events, "
+        "target ≥ 0.8 with the device cache; data wait target ≤ 10 % of the step):",
+        "",
+        "| shape | batch | loader | timed steps | samples/s | vs baseline | step ms | data wait ms (share) "
+        "| compute ms | gaps between steps ms | busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in training.items():
+        base = t["modes"]["baseline"]["samples_per_s"]
+        for mode, r in t["modes"].items():
+            lines.append(
+                f"| {name} | {t['batch']} | {MODE_NAMES[mode]} | {r['steps']} | {r['samples_per_s']:.1f} | "
+                f"{r['samples_per_s'] / base:.2f} | {r['step_ms']:.1f} | {r['data_ms']:.1f} "
+                f"({r['data_share']:.0%}) | {r['compute_ms']:.1f} | {r['gap_ms']:.1f} | {r['busy']:.0%} |"
+            )
+    return lines
+
+
 def report(loader: dict[str, dict], training: dict[str, dict], rss: list[dict], seconds: float) -> str:
     lines = [f"Machine: {machine()}. Total bench time {seconds / 60:.1f} min.", ""]
+    if not loader:
+        return "\n".join(lines[:1] + training_table(training))
     lines += [
         "| shape | videos used (store GB) | pool | store cold q/s | store warm q/s | RAM q/s | warm / RAM "
         "| reference .npy cold q/s | store cold / .npy |",
@@ -298,10 +435,7 @@ def report(loader: dict[str, dict], training: dict[str, dict], rss: list[dict], 
     lines += ["", "| shape | whole-store loader q/s (cold) | queries | store build s |", "|---|---|---|---|"]
     for name, r in loader.items():
         lines.append(f"| {name} | {r['full_store']:,.0f} | {r['full_queries']:,} | {r['build_s']:.0f} |")
-    lines += ["", "| shape | training batch | timed steps | training samples/s (CPU, D=256) |",
-              "|---|---|---|---|"]
-    for name, t in training.items():
-        lines.append(f"| {name} | {t['batch']} | {t['steps']} | {t['samples_per_s']:.2f} |")
+    lines += training_table(training)
     lines += ["", "| videos | queries | store MB | peak RSS MB (1-epoch train_run) |", "|---|---|---|---|"]
     for r in rss:
         lines.append(f"| {r['videos']:,} | {r['queries']:,} | {r['store_mb']:.0f} | {r['rss_mb']:.0f} |")
@@ -314,6 +448,12 @@ def report(loader: dict[str, dict], training: dict[str, dict], rss: list[dict], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small stores (smoke run)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the training steps run: cpu (default) or cuda[:N]")
+    parser.add_argument("--training-only", action="store_true",
+                        help="only build the stores and time the training steps (e.g. a GPU run)")
+    parser.add_argument("--videos", type=int,
+                        help="videos per store shape (default: 200; 12 / 6 with --quick)")
     parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--rss-child", nargs=2, metavar=("STORE", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -324,21 +464,30 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_train_", dir=args.root))
     try:
         quick = args.quick
-        qvh = dataclasses.replace(QVH, n_videos=12 if quick else 200)
-        tacos = dataclasses.replace(TACOS, n_videos=6 if quick else 200)
+        qvh = dataclasses.replace(QVH, n_videos=args.videos or (12 if quick else 200))
+        tacos = dataclasses.replace(TACOS, n_videos=args.videos or (6 if quick else 200))
         limit, rounds = (10.0, 1) if quick else (30.0, 3)
-        loader = {
-            "QVHighlights (T=75, 2 q/video)": bench_loader(qvh, root, 6 if quick else 40, 32, [8, 32],
-                                                           limit, rounds),
-            "TACoS (T=150, 140 q/video)": bench_loader(tacos, root, 3 if quick else 32, 32, [8, 32],
-                                                       limit, rounds),
-        }
-        steps = 2 if quick else 6
+        loader: dict[str, dict] = {}
+        if args.training_only:
+            for spec in (qvh, tacos):
+                make_synthetic_store(root / f"{spec.dataset}.zarr", spec)
+        else:
+            loader = {
+                "QVHighlights (T=75, 2 q/video)": bench_loader(qvh, root, min(qvh.n_videos // 2, 40), 32,
+                                                               [8, 32], limit, rounds),
+                "TACoS (T=150, 140 q/video)": bench_loader(tacos, root, min(tacos.n_videos // 2, 32), 32,
+                                                           [8, 32], limit, rounds),
+            }
+        gpu = torch.device(args.device).type == "cuda"
+        if gpu:
+            torch.cuda.set_device(torch.device(args.device))
+        steps = (5 if quick else 30) if gpu else (1 if quick else 6)
+        small = 4 if quick else 8  # queries per batch on the CPU; the presets' batches on a GPU
         training = {
-            "QVHighlights": bench_training(qvh, root, "qvhighlights", 8, steps),
-            "TACoS": bench_training(tacos, root, "tacos", 8, steps),
+            "QVHighlights": bench_steps(qvh, root, "qvhighlights", 128 if gpu else small, steps, args.device),
+            "TACoS": bench_steps(tacos, root, "tacos", 32 if gpu else small, steps, args.device),
         }
-        rss = bench_rss(root, (100, 1000) if quick else (1000, 10000))
+        rss = [] if args.training_only else bench_rss(root, (100, 1000) if quick else (1000, 10000))
         print(report(loader, training, rss, time.perf_counter() - start))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -14,6 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shards.device import usable_cores  # noqa: E402  (needs the repository root on sys.path)
+
 
 def machine() -> str:
     """CPU model, usable cores, RAM, Python and torch versions, torch threads, GPU (or "CPU only")."""
@@ -22,7 +24,7 @@ def machine() -> str:
     if cpuinfo.is_file():
         lines = cpuinfo.read_text().splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     return (f"{cpu}, {cores} usable cores, {ram:.0f} GiB RAM, Python {platform.python_version()}, "

@@ -1,14 +1,23 @@
-"""What every ``r2`` command shares: user errors become one ``error: ...`` line and exit status 2.
+"""What every ``r2`` command shares: user errors become one ``error: ...`` line and exit status 2, and
+SIGTERM stops a long command the way Ctrl-C does.
 
 User errors are :class:`R2Error` and the failed writes a user can fix: a full disk, an exceeded
 quota, a read-only or forbidden folder (an :class:`OSError`; :func:`shards.atomic.writes_to` makes
 it name the path written).
+
+Batch schedulers pre-empt a job with SIGTERM. Inside :func:`sigterm_as_interrupt` it raises
+:class:`Terminated` (a ``KeyboardInterrupt``) in the main thread, so the clean stop written for
+Ctrl-C runs (files finished, a line saying how to resume); the command then exits with
+:func:`interrupt_exit_code` (143 for SIGTERM, 130 for Ctrl-C, the shells' convention).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +97,62 @@ def user_errors() -> Iterator[None]:
             raise
         typer.echo(f"error: {message}", err=True)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received inside :func:`sigterm_as_interrupt` (handled like Ctrl-C)."""
+
+
+INTERRUPT_EXIT = 130
+"""Exit status of a command stopped by Ctrl-C (128 + SIGINT)."""
+TERMINATED_EXIT = 143
+"""Exit status of a command stopped by SIGTERM (128 + SIGTERM)."""
+
+
+def interrupt_exit_code(err: KeyboardInterrupt) -> int:
+    """143 for :class:`Terminated`, 130 for Ctrl-C."""
+    return TERMINATED_EXIT if isinstance(err, Terminated) else INTERRUPT_EXIT
+
+
+def interrupt_name(err: KeyboardInterrupt) -> str:
+    """``terminated (SIGTERM)`` or ``interrupted`` for the line a command prints when it stops."""
+    return "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """In the block, SIGTERM raises :class:`Terminated` in the main thread (the previous handler is put
+    back after). Outside the main thread (where Python cannot set handlers) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+TOOLKIT_LOGGERS = ("shards", "extract", "train", "eval", "r2")
+"""The packages whose log lines a command shows (other libraries keep their own settings)."""
+
+
+class _LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the toolkit's log lines on stderr from ``level`` up: information as it is, warnings as
+    ``warning: ...`` (called once by the ``r2`` command; a library user keeps their own set-up)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LineFormatter())
+    for name in TOOLKIT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addHandler(handler)

@@ -34,6 +34,10 @@ class DatasetSpec:
             :attr:`nms_thres`), ``linear`` (scale scores by ``1 - IoU``), ``None`` for ``hd``.
         nms_thres: IoU threshold of ``normal`` NMS, else ``None``.
         key_metric: metric that ranks checkpoints (key of the evaluator's result dict).
+        longest_clips: approximate longest video in clips at the feature rate, for plans made without
+            a store (``r2 train --dry-run``'s memory estimate; a store gives the real value):
+            QVHighlights 150 s at 0.5 fps; Ego4D-NLQ 8-minute clips; the others rounded up from their
+            longest videos; ``custom`` as QVHighlights.
         evaluator: which official metrics score it (:func:`eval.metrics.evaluate`): ``qvhighlights``
             (moment mAP and recall, highlight metrics when saliency is annotated), ``grounding``
             (recall at IoU thresholds), ``youtube`` or ``tvsum`` (highlight mAP per domain).
@@ -51,6 +55,7 @@ class DatasetSpec:
     nms_mode: str | None
     nms_thres: float | None
     key_metric: str
+    longest_clips: int
     evaluator: str = "grounding"
 
     @property
@@ -72,6 +77,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=("qvh", "qvhighlight"),
         nms_mode="normal",
         nms_thres=0.7,
+        longest_clips=75,
         key_metric="MR-full-mAP",
         evaluator="qvhighlights",
     ),
@@ -87,6 +93,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=("charades-sta", "charades_sta", "charadessta"),
         nms_mode="linear",
         nms_thres=None,
+        longest_clips=200,
         key_metric="MR-full-R1@0.5",
     ),
     DatasetSpec(
@@ -101,6 +108,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=(),
         nms_mode="linear",
         nms_thres=None,
+        longest_clips=500,
         key_metric="MR-full-R1@0.5",
     ),
     DatasetSpec(
@@ -115,6 +123,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=("ego4d-nlq", "ego4d_nlq", "nlq"),
         nms_mode="linear",
         nms_thres=None,
+        longest_clips=240,
         key_metric="MR-full-R1@0.5",
     ),
     DatasetSpec(
@@ -129,6 +138,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=("youtube-highlights", "youtube_highlights", "youtube_highlight", "youtube-highlight", "yt"),
         nms_mode=None,
         nms_thres=None,
+        longest_clips=100,
         key_metric="mAP",
         evaluator="youtube",
     ),
@@ -144,6 +154,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=(),
         nms_mode=None,
         nms_thres=None,
+        longest_clips=330,
         key_metric="mAP",
         evaluator="tvsum",
     ),
@@ -159,6 +170,7 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=(),
         nms_mode="normal",
         nms_thres=0.7,
+        longest_clips=75,
         key_metric="MR-full-mAP",
         evaluator="qvhighlights",
     ),

@@ -179,15 +179,25 @@ class FeatureStore:
         """Bytes of the tokens of video ``vid``."""
         return self.video_array(vid).nbytes
 
-    def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray:
+    def read_video(self, vid: str, out: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
         """Tokens ``(T, k, P, C)`` float16 of video ``vid``, read into ``out`` when given.
 
         ``out`` must be a C-contiguous, writeable float16 array of exactly that shape (e.g. the
         first ``T`` clips of a row of a preallocated padded batch); :class:`ValueError` otherwise.
         The bytes go from the file straight into ``out``: there is no intermediate buffer.
+
+        ``layers``: only the last ``layers`` of the ``k`` stored layers, ``(T, layers, P, C)``
+        (:meth:`shards.rawarray.RawArray.read_slab`: just their bytes when reads are not verified).
         """
         arr = self.video_array(vid)
-        return arr.read_rows(0, arr.shape[0], _output(out, arr.shape), self._checked(f"video {vid!r}"))
+        stored = arr.shape[1]
+        keep = stored if layers is None else int(layers)
+        if not 1 <= keep <= stored:
+            raise ValueError(f"layers must be in 1..{stored} (the stored layers), got {layers}")
+        out = _output(out, (arr.shape[0], keep, *arr.shape[2:]))
+        if keep == stored:
+            return arr.read_rows(0, arr.shape[0], out, self._checked(f"video {vid!r}"))
+        return arr.read_slab(stored - keep, out, self._checked(f"video {vid!r}"))
 
     def map_video(self, vid: str) -> np.ndarray:
         """Read-only tokens ``(T, k, P, C)`` of video ``vid`` mapped from the page cache, without a copy.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+from types import SimpleNamespace
 
+import numpy as np
+import torch
+
+from extract import fanout
 from extract.backbone import load_backbone
 from extract.config import ExtractConfig
-from extract.fanout import split_tasks
+from extract.fanout import BackboneSpec, split_tasks, worker_backbone
 from extract.frames import preprocess, sample_frames
 from extract.job import run_extraction
 from extract.pipeline import VideoTask
@@ -21,6 +25,32 @@ def test_split_tasks_balances_and_caps() -> None:
     assert [t.vid for g in groups for t in g] == [t.vid for t in tasks]
     assert max(len(g) for g in groups) == 8
     assert [len(g) for g in split_tasks(tasks[:3], workers=2)] == [1, 1, 1]
+
+
+def test_each_worker_builds_on_its_gpu_made_current(monkeypatch) -> None:
+    """LocalCluster worker 5 with 4 GPUs: GPU 1, set as the current device on every task (the backbone
+    is built once); a CPU worker never touches CUDA."""
+    import distributed
+
+    current: list[int] = []
+    built: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(distributed, "get_worker", lambda: SimpleNamespace(name=5))
+
+    def load(arch: str, pretrained: str, layers: int, device: str, *rest: object) -> object:
+        built.append(device)
+        return object()
+
+    monkeypatch.setattr(fanout, "load_backbone", load)
+    monkeypatch.setattr(fanout, "_BACKBONES", {})
+    spec = BackboneSpec("ViT-B-32", "random", 2, "cuda", 0, None)
+    worker_backbone(spec)
+    worker_backbone(spec)
+    assert built == ["cuda:1"] and current == [1, 1]
+    worker_backbone(BackboneSpec("ViT-B-32", "random", 2, "cpu", 0, None))
+    assert built == ["cuda:1", "cpu"] and current == [1, 1]
 
 
 def test_two_worker_processes_write_one_store(tmp_path, write_charades) -> None:

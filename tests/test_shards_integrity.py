@@ -161,7 +161,7 @@ def test_r2_train_exits_2_with_one_error_line(store, tmp_path, monkeypatch, caps
 
 
 def fake_member(amp: bool) -> Member:
-    state = SimpleNamespace(amp=amp, iteration=0, epoch=0)
+    state = SimpleNamespace(amp=amp, iteration=0, epoch=0, device="cpu")
     stats = SimpleNamespace(add=lambda out, size: None)
     return Member(state, SimpleNamespace(root=Path("run")), None, capture_rng(), stats)  # type: ignore[arg-type]
 

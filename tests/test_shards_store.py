@@ -13,6 +13,7 @@ import zarr
 
 import shards.store as store_mod
 from shards.errors import StoreError
+from shards.rawarray import RawArray, write_raw_array
 from shards.schema import Query
 from shards.store import FeatureStore, create_store, open_store
 
@@ -75,6 +76,41 @@ def test_reads_into_rows_of_a_padded_buffer_equal_plain_reads(store, monkeypatch
         store.read_video("b", out=np.empty((3, K, P, 2 * C), np.float16)[..., ::2])
     with pytest.raises(ValueError, match="writeable"):
         store.read_video("b", out=store.map_video("b"))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_reading_the_last_layers_equals_slicing_after(store, verify):
+    store.write_video("a", tokens(0, 5), 1.0)
+    fresh = open_store(store.path, verify_reads=verify)
+    np.testing.assert_array_equal(fresh.read_video("a", layers=1), tokens(0, 5)[:, -1:])
+    np.testing.assert_array_equal(fresh.read_video("a", layers=K), tokens(0, 5))
+    rows = np.full((2, 6, 1, P, C), 7, np.float16)  # a padded batch of one layer
+    assert fresh.read_video("a", out=rows[1, :5], layers=1).base is rows
+    np.testing.assert_array_equal(rows[1, :5], tokens(0, 5)[:, -1:])
+    assert (rows[1, 5] == 7).all() and (rows[0] == 7).all()
+    with pytest.raises(ValueError, match=r"layers must be in 1\.\.2"):
+        fresh.read_video("a", layers=K + 1)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.read_video("a", out=np.empty((5, K, P, C), np.float16), layers=1)
+
+
+def test_layer_slabs_of_multi_chunk_arrays_and_their_checks(tmp_path):
+    data = np.random.default_rng(0).standard_normal((5, 3, P, C)).astype(np.float16)
+    write_raw_array(tmp_path / "a", [data], (3, P, C), 2, {}, fsync=False)  # chunks of 2, 2 and 1 rows
+    array = RawArray.load(tmp_path / "a")
+    for first, count in ((0, 1), (1, 2), (2, 1)):
+        for check in (None, "array 'a'"):
+            out = array.read_slab(first, np.empty((5, count, P, C), np.float16), check)
+            np.testing.assert_array_equal(out, data[:, first : first + count])
+    with pytest.raises(ValueError, match="does not fit"):
+        array.read_slab(2, np.empty((5, 2, P, C), np.float16))
+    chunk = array.chunk_path(1)
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0xFF  # layer 0 of row 2: outside the slab of layer 2, inside its chunk's checksum
+    chunk.write_bytes(bytes(raw))
+    np.testing.assert_array_equal(array.read_slab(2, np.empty((5, 1, P, C), np.float16)), data[:, 2:])
+    with pytest.raises(StoreError, match="corrupt"):
+        RawArray.load(tmp_path / "a").read_slab(2, np.empty((5, 1, P, C), np.float16), "array 'a'")
 
 
 def test_rewrite_replaces_video(store):

@@ -53,9 +53,9 @@ class CountingStore(FeatureStore):
         self.reads: Counter[str] = Counter()
         self.mappings: list[weakref.ref] = []
 
-    def read_video(self, vid, out=None):
+    def read_video(self, vid, out=None, layers=None):
         self.reads[vid] += 1
-        return super().read_video(vid, out)
+        return super().read_video(vid, out, layers)
 
     def map_video(self, vid):
         self.reads[vid] += 1

@@ -14,9 +14,11 @@ from shards.datasets import get_dataset
 from tests.helpers.fixtures import synthetic_store_fixture
 from tests.helpers.synthetic import SyntheticSpec
 from train.checkpoint import read_checkpoint
+from train.config import get_preset
+from train.engine.memory import ACTIVATIONS, BATCH, STATE, estimate_step, store_extent
 from train.engine.trainer import train_run
 from train.sweep.config import request_config
-from train.sweep.shared import data_key, group_requests, max_models, model_bytes, run_shared_trials
+from train.sweep.shared import data_key, group_requests, max_models, pass_bytes, run_shared_trials
 from train.sweep.trials import TrialRequest, trial_hash
 
 TINY = ["epochs=2", "batch_size=4", "model.dims=32", "model.heads=4", "model.layers=2", "warmup=2",
@@ -90,11 +92,34 @@ def test_grouping_follows_the_data_settings_and_the_slots(store, tmp_path):
 
 
 def test_memory_bound_limits_the_models_per_pass(store):
+    """One batch, one model's activations (the models step in turn) and K models' weights + AdamW."""
+    from shards.store import open_store
+
     cfg = request_config(_request(0, Path("/unused"), store, []))
-    one = model_bytes(cfg, 16)
-    assert one > 16 * 30_000          # at least the weights + optimizer state of the tiny model
-    assert max_models(cfg, 16, budget=10 * one) in (9, 10)
-    assert max_models(cfg, 16, budget=one // 2) == 1
+    step = estimate_step(cfg, *store_extent(open_store(store)), device_type="cpu")
+    state = step.bytes_of(STATE)
+    assert state >= 16 * 30_000          # at least the weights + optimizer state of the tiny model
+    assert pass_bytes(step, 1) == step.total
+    assert pass_bytes(step, 3) == step.bytes_of(BATCH) + step.bytes_of(ACTIVATIONS) + 3 * state
+    for budget in (pass_bytes(step, 10), pass_bytes(step, 10) + state - 1):
+        assert max_models(step, budget) == 10
+    assert max_models(step, pass_bytes(step, 10) + state) == 11
+    assert max_models(step, step.total // 2) == 1
+
+
+def test_a_typical_shared_pass_holds_many_more_models_than_the_old_model():
+    """QVHighlights on ViT-B/32 (batch 128, T = 75, L = 32) on a GPU with 48 GB for the pass: the old
+    model charged every model its own float32 batch with the TEF and 6 activations of (B, T, P, D) per
+    layer, so two models fit; activations are one model's at a time."""
+    cfg = get_preset("qvhighlights")
+    budget = 48 * 10**9
+    step = estimate_step(cfg, 75, 32, device_type="cuda")
+    b, t, k, (p, c, _), d = 128, 75, cfg.model.layers, cfg.model.token_dims(), cfg.model.dims
+    old_model = 16 * (step.bytes_of(STATE) // 18) + 4 * b * t * k * p * (c + 2 + 6 * d)
+    old_fit = max(1, (budget - 4 * b * t * k * p * c) // old_model)
+    assert old_fit == 2
+    assert max_models(step, budget) > 50 * old_fit
+    assert pass_bytes(step, max_models(step, budget)) <= budget
 
 
 def test_cli_sweep_on_the_real_trainer_with_a_shared_pass(store, tmp_path):

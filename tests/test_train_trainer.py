@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,11 @@ from tests.helpers.fixtures import synthetic_store_fixture
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import RunConfig, apply_overrides, get_preset
+from train.engine.rng import capture_rng, restore_rng
+from train.engine.rundata import epoch_inputs, open_run_data
 from train.engine.runlog import RunDirError, read_metrics
 from train.engine.schedule import LrSchedule
-from train.engine.step import build_state
+from train.engine.step import build_state, forward_losses, read_step_values, train_step
 from train.engine.trainer import train_run
 from train.inference import Grounder
 from train.model import R2Tuning
@@ -227,3 +232,106 @@ def test_loader_memory_bound_is_a_config_knob(store):
     assert isinstance(loader, StreamingLoader) and loader.config.max_bytes == 2**29
     with pytest.raises(ConfigError, match="loader_memory_gb"):
         _cfg(1, "train.loader_memory_gb=0")
+
+
+class _FakeCuda:
+    """``torch.cuda`` generator functions of a machine with ``count`` GPUs whose generator ``i`` holds the
+    state ``[i]`` (a set on a missing GPU raises, as torch does)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.restored: list[tuple[int, int]] = []
+
+    def get_rng_state(self, device: int = 0) -> torch.Tensor:
+        assert 0 <= device < self.count
+        return torch.tensor([device], dtype=torch.uint8)
+
+    def set_rng_state(self, state: torch.Tensor, device: int = 0) -> None:
+        if not 0 <= device < self.count:
+            raise IndexError(f"no GPU {device} of {self.count}")
+        self.restored.append((int(state[0]), device))
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> _FakeCuda:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        return self
+
+
+def test_rng_states_hold_the_training_gpu_only_and_resume_with_fewer_gpus(monkeypatch):
+    four = _FakeCuda(4).install(monkeypatch)
+    saved = capture_rng("cuda:3")
+    assert torch.equal(saved["cuda"], torch.tensor([3], dtype=torch.uint8))  # one state: GPU 3's
+    assert capture_rng("cpu")["cuda"] is None and capture_rng("cuda")["cuda"][0] == 0  # bare cuda: current
+    one = _FakeCuda(1).install(monkeypatch)  # resumed under CUDA_VISIBLE_DEVICES=3: one GPU, index 0
+    restore_rng(saved, "cuda:0")
+    assert one.restored == [(3, 0)]
+    restore_rng(saved, "cpu")  # a CPU run leaves the CUDA generators alone
+    assert one.restored == [(3, 0)] and four.restored == []
+
+
+def test_rng_states_of_older_checkpoints_restore_one_gpu(monkeypatch):
+    old = capture_rng()
+    old["cuda"] = [torch.tensor([i], dtype=torch.uint8) for i in range(4)]  # one per GPU visible then
+    two = _FakeCuda(2).install(monkeypatch)
+    restore_rng(old, "cuda:1")  # the entry of the device's index
+    one = _FakeCuda(1).install(monkeypatch)
+    restore_rng(old, "cuda:0")
+    assert two.restored == [(1, 1)] and one.restored == [(0, 0)]
+    six = _FakeCuda(6).install(monkeypatch)
+    restore_rng(old, "cuda:5")  # no entry for this index: the first
+    restore_rng({**old, "cuda": []}, "cuda:5")  # a CPU run of an older version: nothing to restore
+    assert six.restored == [(0, 5)]
+
+
+@pytest.fixture
+def determinism_flags(monkeypatch):
+    """Restore the deterministic switches after the test; ``CUBLAS_WORKSPACE_CONFIG`` starts unset."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+    torch.use_deterministic_algorithms(algorithms)
+
+
+def test_deterministic_sets_the_reference_switches_and_trains(store, determinism_flags):
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    build_state(_cfg(1), "cpu")  # off by default: the flags stay as they were
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    state = build_state(_cfg(1, "train.deterministic=true"), "cpu")
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    cfg, data = open_run_data(state.cfg, store, "cpu")
+    inputs, _ = next(iter(epoch_inputs(data.loader, cfg, data.spec, data.device, 0)))
+    values = read_step_values([train_step(state, inputs)])[0]
+    assert values["skipped"] == 0.0  # every op of a CPU step has a deterministic kernel
+
+
+def test_compiled_model_matches_eager_and_saves_the_same_keys(store, tmp_path, monkeypatch):
+    # inductor, the default backend, takes over a minute to build this model on a 2-core CPU; aot_eager
+    # runs the same graph capture (dynamo) and autograd tracing (AOT) with eager kernels
+    aot_eager = functools.partialmethod(torch.nn.Module.compile, backend="aot_eager")
+    monkeypatch.setattr(R2Tuning, "compile", aot_eager)
+    eager = build_state(_cfg(1), "cpu")
+    compiled = build_state(_cfg(1, "train.compile=true"), "cpu")
+    assert isinstance(compiled.model, R2Tuning) and compiled.model._compiled_call_impl is not None
+    assert eager.model._compiled_call_impl is None
+    cfg, data = open_run_data(eager.cfg, store, "cpu")
+    inputs, _ = next(iter(epoch_inputs(data.loader, cfg, data.spec, data.device, 0)))
+    eager.model.eval()
+    compiled.model.eval()
+    with torch.no_grad():
+        expected, got = forward_losses(eager, inputs), forward_losses(compiled, inputs)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+    values = read_step_values([train_step(compiled, inputs)])[0]  # forward and backward compiled
+    assert all(math.isfinite(v) for v in values.values())
+    save_checkpoint(tmp_path / "compiled.pt", compiled.model, compiled.cfg)
+    save_checkpoint(tmp_path / "eager.pt", eager.model, eager.cfg)
+    keys = _weights(tmp_path / "compiled.pt").keys()
+    assert keys == _weights(tmp_path / "eager.pt").keys() and not any("_orig_mod" in k for k in keys)

@@ -1,4 +1,5 @@
-"""``r2 train``: train the R² model on a feature store (``--dry-run``: show the model and stop).
+"""``r2 train``: train the R² model on a feature store (``--dry-run``: show the model and the estimated
+memory of one training step, :mod:`train.engine.memory`, and stop).
 
 Training itself is :func:`train.engine.trainer.train_run`; the device is ``--device`` or else
 ``train.device``; ``--threads`` sets torch's intra-op threads (the count a sweep trial recorded, so that
@@ -39,7 +40,8 @@ def train(
         False, "--resume", help="Continue the run in --out from its last checkpoint."
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the model summary and exit (no store needed)."
+        False, "--dry-run", help="Print the model summary and the estimated peak memory of one training step "
+        "and exit (no store needed; with --store, for its longest video)."
     ),
     device: str | None = typer.Option(
         None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)."
@@ -52,7 +54,7 @@ def train(
     """Train R²-Tuning with a preset's reference hyper-parameters (see docs/model.md)."""
     cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
     if dry_run:
-        typer.echo(model_summary(cfg))
+        typer.echo(dry_run_text(cfg, store, device or cfg.train.device))
         return
     if store is None:
         raise ConfigError("training needs --store (a feature store); or use --dry-run")
@@ -71,6 +73,47 @@ def train(
     if result.best_value is not None:
         best = f"best {result.key_metric} {result.best_value:.2f} at epoch {result.best_epoch}"
     typer.echo(f"{result.epochs} epochs done in {result.run_dir} ({best})")
+
+
+def dry_run_text(cfg: RunConfig, store: Path | None, device: str) -> str:
+    """The model summary and the estimated peak memory of one training step of ``cfg``.
+
+    With ``store``: its token dims, longest video and longest query; else the preset's typical longest
+    video (:func:`train.engine.memory.typical_clips`) and CLIP's text context. The estimate is for the
+    GPU (with AMP when ``train.amp``) unless ``device`` is ``cpu``; where a GPU is visible it says
+    whether the step fits its free memory.
+
+    Raises:
+        StoreError: ``store`` is missing or does not fit ``cfg``.
+    """
+    from shards.device import resolve_device, visible_gpus
+    from train.engine import memory as plan
+
+    if store is None:
+        clips, tokens = plan.typical_clips(cfg.dataset), plan.CLIP_TEXT_CONTEXT
+        source = f"the typical longest {get_dataset(cfg.dataset).title} video; --store gives the real one"
+    else:
+        from shards.store import open_store
+        from train.compat import config_for_store
+
+        handle = open_store(store)
+        cfg = config_for_store(cfg, handle.manifest, store)
+        clips, tokens = plan.store_extent(handle)
+        source = f"the longest video of {store}"
+    device_type = "cpu" if device.strip().lower() == "cpu" else "cuda"
+    memory = plan.estimate_step(cfg, clips, tokens, device_type=device_type)
+    on = "the CPU" if device_type == "cpu" else "the GPU" + (" with AMP (fp16)" if memory.amp else "")
+    lines = [
+        model_summary(cfg),
+        "",
+        f"estimated peak memory of one training step on {on}: {memory.total / plan.GIB:.2f} GiB",
+        f"  batch {memory.batch_size} queries x {clips} clips ({source}) x {tokens} query tokens",
+        *memory.table(),
+    ]
+    if device_type == "cuda" and visible_gpus():
+        target = resolve_device(device)
+        lines.append(plan.judge(cfg, memory, target, plan.free_bytes(target))[1])
+    return "\n".join(lines)
 
 
 def model_summary(cfg: RunConfig) -> str:

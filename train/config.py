@@ -8,7 +8,8 @@ command line with ``--set key=value`` (:func:`apply_overrides`), using the dotte
 Presets (:func:`get_preset`) reproduce the reference configs of R²-Tuning (ViT-B/32 numbers; other
 backbones only change the token dimensions): ``qvhighlights``, ``charades``, ``tacos``, ``ego4d``,
 ``youtube_<domain>`` (e.g. ``youtube_dog``) and ``tvsum_<DOMAIN>`` (e.g. ``tvsum_BK``), plus ``custom``
-for one's own videos (a starting point, docs/custom-data.md). Evaluation settings (NMS, clip rounding unit, key metric) come from :mod:`shards.datasets`.
+for one's own videos (a starting point, docs/custom-data.md). Evaluation settings (NMS, clip rounding
+unit, key metric) come from :mod:`shards.datasets`.
 """
 
 from __future__ import annotations
@@ -167,8 +168,9 @@ class TrainConfig:
         cache: where the tokens of the run live (:mod:`train.data.cache`): ``auto`` (default: the GPU
             when they fit, else host RAM when they fit, else stream), ``device``, ``ram`` or ``off``.
         cache_gb: bound of the cache in GiB (``None``: half of the free GPU / available host memory).
-        num_workers: loader worker processes; they fetch streamed batches (``cache=off`` or pooled),
-            never decide them.
+        num_workers: loader worker processes that fetch streamed batches (``cache=off``), never
+            decide them; with the cache on, both loaders run in the main process (threads:
+            ``read_threads``).
         pool_size: ``pooled`` batching only: videos in flight that each batch draws its queries from,
             round-robin: a batch spans about ``max(pool_size, batch_size / queries per video)`` videos.
         loader_memory_gb: ``pooled`` batching only: bound on the video tokens the loader holds at once,

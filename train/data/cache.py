@@ -15,13 +15,19 @@ Modes (``train.cache``):
 
 The bound (``train.cache_gb``, default: the margin's share of free memory) is in bytes of fp16
 tokens. When the tokens do not all fit, the first ones drawn are kept and the rest stream.
+
+Only the last ``layers`` layers the model fuses are read and kept (:meth:`FeatureStore.read_video`
+with ``layers``): a model fusing fewer layers than the store holds needs a smaller cache. Query
+tokens are cached where the videos are (on the GPU in mode ``device``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import psutil
@@ -29,7 +35,7 @@ import torch
 
 from shards.errors import ConfigError
 from shards.schema import Query
-from train.data.loader import TokenSource
+from train.data.loader import TokenSource, last_layers
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +69,19 @@ class CachePlan:
         return f"token cache in {self.mode} memory: {share} {self.needed / gib:.2f} GiB of tokens"
 
 
-def needed_bytes(source: TokenSource, queries: Iterable[Query]) -> int:
-    """Bytes of the video and query tokens of ``queries`` (each video counted once)."""
+def needed_bytes(source: TokenSource, queries: Iterable[Query], layers: int | None = None) -> int:
+    """Bytes of the video and query tokens of ``queries`` (each video counted once), of their last
+    ``layers`` layers (``None``: all the source holds)."""
+    stored = source.manifest.layers
+    keep = stored if layers is None else layers
+    query_row = keep * source.manifest.text_width * 2
     vids: set[str] = set()
     total = 0
     for q in queries:
         if q.vid not in vids:
             vids.add(q.vid)
-            total += source.video_nbytes(q.vid)
-        total += source.query_length(q.qid) * int(np.prod(source.manifest.query_shape)) * 2
+            total += source.video_nbytes(q.vid) // stored * keep
+        total += source.query_length(q.qid) * query_row
     return total
 
 
@@ -82,15 +92,20 @@ def _free_device_bytes(device: torch.device) -> int:
     return int(free)
 
 
-def plan_cache(mode: str, cache_gb: float | None, needed: int, device: torch.device) -> CachePlan:
+def plan_cache(
+    mode: str, cache_gb: float | None, needed: int, device: torch.device, step_bytes: int = 0
+) -> CachePlan:
     """Resolve ``train.cache`` (``auto`` | ``device`` | ``ram`` | ``off``, checked by the config) and
-    ``train.cache_gb`` for a run needing ``needed`` bytes on ``device``.
+    ``train.cache_gb`` for a run needing ``needed`` bytes on ``device``. On a GPU the default bound
+    leaves the training step its ``step_bytes`` (:func:`train.engine.memory.estimate_step`): at most
+    ``min(MEMORY_SHARE x free, free - step_bytes)``.
 
     Raises:
         ConfigError: ``device`` asked for while training on the CPU.
     """
     given = None if cache_gb is None else int(cache_gb * 2**30)
-    gpu_room = given if given is not None else int(MEMORY_SHARE * _free_device_bytes(device))
+    free = _free_device_bytes(device)
+    gpu_room = given if given is not None else max(0, min(int(MEMORY_SHARE * free), free - step_bytes))
     ram_room = given if given is not None else int(MEMORY_SHARE * psutil.virtual_memory().available)
     cpu = torch.device("cpu")
     if mode == "device":
@@ -110,47 +125,68 @@ def plan_cache(mode: str, cache_gb: float | None, needed: int, device: torch.dev
 class TokenCache:
     """The tokens of a :class:`TokenSource`, kept in memory after their first read, within a bound.
 
-    It is itself a :class:`TokenSource` (metadata from the wrapped source, tokens from memory), so
-    the streaming loaders read through it; :meth:`video_tensor` gives the cached tensor itself (on
-    the cache's device) for batches gathered there.
+    It is itself a :class:`TokenSource` of the last ``layers`` layers (metadata from the wrapped source,
+    its ``manifest`` with ``layers`` layers, tokens from memory), so the streaming loaders read through
+    it; :meth:`video_tensor` and :meth:`query_tensor` give the cached tensors themselves (on the cache's
+    device) for batches gathered there. Safe to read from several threads.
 
     Args:
         source: the store (or any token source).
         plan: mode, device and bound (:func:`plan_cache`); mode ``off`` keeps nothing.
+        layers: serve and keep the last ``layers`` layers of the source's (``None``: all).
     """
 
-    def __init__(self, source: TokenSource, plan: CachePlan) -> None:
+    def __init__(self, source: TokenSource, plan: CachePlan, layers: int | None = None) -> None:
+        stored = source.manifest.layers
+        self.layers = stored if layers is None else layers
+        if not 1 <= self.layers <= stored:
+            raise ValueError(f"layers must be in 1..{stored} (the source's layers), got {layers}")
         self.source = source
-        self.manifest = source.manifest
+        self.manifest = replace(source.manifest, layers=self.layers)
         self.plan = plan
         self.held = 0
         self.disk_reads = 0
         self._videos: dict[str, torch.Tensor] = {}
-        self._queries: dict[int | str, np.ndarray] = {}
+        self._queries: dict[int | str, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     @property
     def on_device(self) -> bool:
-        """Whether cached videos live on the GPU (batches are then gathered there)."""
+        """Whether cached tokens live on the GPU (batches are then gathered there)."""
         return self.plan.mode == "device"
 
-    def _room(self, nbytes: int) -> bool:
-        if self.plan.mode == "off" or self.held + nbytes > self.plan.max_bytes:
-            return False
-        self.held += nbytes
-        return True
+    @property
+    def device(self) -> torch.device:
+        """Where cached tokens live."""
+        return self.plan.device
+
+    def _count_read(self) -> None:
+        with self._lock:
+            self.disk_reads += 1
+
+    def _keep(self, kept: dict[Any, torch.Tensor], key: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` kept under ``key`` on the cache's device when they fit the bound (or what another
+        thread kept meanwhile), else ``tokens`` as read."""
+        with self._lock:
+            earlier = kept.get(key)
+            if earlier is not None:
+                return earlier
+            nbytes = tokens.numel() * tokens.element_size()
+            if self.plan.mode == "off" or self.held + nbytes > self.plan.max_bytes:
+                return tokens
+            self.held += nbytes
+            kept[key] = tokens.to(self.plan.device)
+            return kept[key]
 
     def video_tensor(self, vid: str) -> torch.Tensor:
-        """``(T, k, P, C)`` float16 tokens of ``vid``: the cached tensor (on the cache's device), or a
-        fresh read when the bound is reached."""
+        """``(T, layers, P, C)`` float16 tokens of ``vid``: the cached tensor (on the cache's device), or
+        a fresh host read when the bound is reached."""
         cached = self._videos.get(vid)
         if cached is not None:
             return cached
-        tokens = torch.from_numpy(self.source.read_video(vid))
-        self.disk_reads += 1
-        if self._room(tokens.numel() * tokens.element_size()):
-            tokens = tokens.to(self.plan.device)
-            self._videos[vid] = tokens
-        return tokens
+        self._count_read()
+        tokens = self.source.read_video(vid, layers=self.layers)
+        return self._keep(self._videos, vid, torch.from_numpy(tokens))
 
     def video_ids(self) -> list[str]:
         return self.source.video_ids()
@@ -162,17 +198,21 @@ class TokenCache:
         return self.source.video_fps(vid)
 
     def video_nbytes(self, vid: str) -> int:
-        return self.source.video_nbytes(vid)
+        """Bytes of the ``layers`` layers of ``vid`` that the cache serves."""
+        return self.source.video_nbytes(vid) // self.source.manifest.layers * self.layers
 
     def map_video(self, vid: str) -> np.ndarray:
-        """Host view of ``vid``'s tokens (a host copy when they are cached on the GPU)."""
+        """Host view of ``vid``'s ``(T, layers, P, C)`` tokens: the store's mapping (strided when it holds
+        more layers) with the cache off, else the cached tokens (a host copy when they are on the GPU)."""
         if self.plan.mode == "off":
-            self.disk_reads += 1
-            return self.source.map_video(vid)
+            self._count_read()
+            return last_layers(self.source.map_video(vid), self.layers)
         return self.video_tensor(vid).cpu().numpy()
 
-    def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray:
+    def read_video(self, vid: str, out: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
         tokens = self.map_video(vid)
+        if layers is not None:
+            tokens = last_layers(tokens, layers)
         if out is None:
             return tokens
         out[...] = tokens
@@ -184,13 +224,18 @@ class TokenCache:
     def query_length(self, qid: int | str) -> int:
         return self.source.query_length(qid)
 
+    def query_tensor(self, qid: int | str) -> torch.Tensor:
+        """``(L, layers, Cq)`` float16 tokens of query ``qid``: the cached tensor (on the cache's device),
+        or a fresh host read when the bound is reached."""
+        cached = self._queries.get(qid)
+        if cached is not None:
+            return cached
+        tokens = np.ascontiguousarray(last_layers(self.source.read_query(qid), self.layers))
+        return self._keep(self._queries, qid, torch.from_numpy(tokens))
+
     def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray:
-        """``(L, k, Cq)`` float16 tokens of query ``qid`` (kept in host memory when there is room)."""
-        tokens = self._queries.get(qid)
-        if tokens is None:
-            tokens = self.source.read_query(qid)
-            if self._room(tokens.nbytes):
-                self._queries[qid] = tokens
+        """``(L, layers, Cq)`` float16 tokens of query ``qid`` on the host (kept when there is room)."""
+        tokens = self.query_tensor(qid).cpu().numpy()
         if out is None:
             return tokens
         out[...] = tokens

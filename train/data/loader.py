@@ -8,15 +8,19 @@ per video). When a pool video runs out of queries the next video takes its place
 
 Reads: a background thread maps ``prefetch_videos`` videos ahead (``map_video``: it takes the
 disk wait, and the mapping is a view of the page cache, not a copy). Each video is then copied
-once per batch, straight into its row of the batch's zero-padded tensor: the work a batch from
-RAM takes. The batch tensors come from a small pool of buffers, reused once the caller has
-dropped every tensor of an earlier batch (so later batches cost no page faults); with
-``pin_memory`` they are allocated pinned instead of copied afterwards.
+once per batch, straight into its row of the batch's zero-padded tensor, by ``read_threads``
+threads (the copies release the GIL): the work a batch from RAM takes. Only the last ``layers``
+layers are copied when the model fuses fewer than the store holds. The batch tensors come from a
+small pool of buffers, reused once the caller has dropped every tensor of an earlier batch (so
+later batches cost no page faults); with ``pin_memory`` they are allocated pinned instead of copied
+afterwards. A source that keeps tokens on the GPU (:class:`train.data.cache.TokenCache` in mode
+``device``) has its batches gathered there: no video or query token is copied on the host.
 
 Memory: tokens held by the loader (pool, read-ahead and the videos of the batch being filled) stay
 under ``max_bytes`` (a single video larger than that is still read, alone). When the bound
-binds, a batch is emitted early with fewer queries. Nothing per video is kept beyond that, so peak
-memory does not grow with the store; only per-query annotations are held.
+binds, a batch is emitted early with fewer queries; :class:`StreamingLoader` can say so once
+(``report_cuts``), with the bound that would keep the batches whole. Nothing per video is kept
+beyond that, so peak memory does not grow with the store; only per-query annotations are held.
 
 Workers: with ``num_workers > 0`` a torch ``DataLoader`` runs one copy per worker process; the
 shuffled video list is split by worker id and each worker opens the store itself. Batches then
@@ -26,6 +30,8 @@ reproducible for a given seed, epoch and worker count).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 import weakref
@@ -34,18 +40,24 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.device import thread_device
 from shards.schema import Query
 from shards.store import DTYPE, FeatureStore, Manifest, open_store
 
+log = logging.getLogger(__name__)
+
+Tokens = TypeVar("Tokens", np.ndarray, torch.Tensor)
+
 
 class TokenSource(Protocol):
-    """What the loader reads: implemented by :class:`FeatureStore` and :class:`MemorySource`."""
+    """What the loader reads: implemented by :class:`FeatureStore`, :class:`MemorySource` and
+    :class:`train.data.cache.TokenCache`. ``read_video(vid, layers=n)`` gives the last ``n`` layers."""
 
     manifest: Manifest
 
@@ -53,12 +65,38 @@ class TokenSource(Protocol):
     def video_length(self, vid: str) -> int: ...
     def video_fps(self, vid: str) -> float: ...
     def video_nbytes(self, vid: str) -> int: ...
-    def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray: ...
+    def read_video(
+        self, vid: str, out: np.ndarray | None = None, layers: int | None = None
+    ) -> np.ndarray: ...
     def map_video(self, vid: str) -> np.ndarray: ...
     def has_query(self, qid: int | str) -> bool: ...
     def query_length(self, qid: int | str) -> int: ...
     def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray: ...
     def annotations(self) -> list[Query]: ...
+
+
+@runtime_checkable
+class DeviceTokens(Protocol):
+    """A token source that may keep its tokens on a GPU (:class:`train.data.cache.TokenCache`): when
+    ``on_device``, batches are gathered on ``device`` from :meth:`video_tensor` / :meth:`query_tensor`."""
+
+    @property
+    def on_device(self) -> bool: ...
+    @property
+    def device(self) -> torch.device: ...
+    def video_tensor(self, vid: str) -> torch.Tensor: ...
+    def query_tensor(self, qid: int | str) -> torch.Tensor: ...
+
+
+def device_tokens(source: object) -> DeviceTokens | None:
+    """``source`` when it keeps its tokens on a GPU (batches are gathered there), else ``None``."""
+    return source if isinstance(source, DeviceTokens) and source.on_device else None
+
+
+def last_layers(tokens: Tokens, layers: int) -> Tokens:
+    """The last ``layers`` entries of axis 1 (the layers of ``(T, k, ...)`` tokens): a view, strided
+    when ``layers < k``."""
+    return tokens[:, tokens.shape[1] - layers :]
 
 
 class MemorySource:
@@ -110,11 +148,14 @@ class MemorySource:
     def video_nbytes(self, vid: str) -> int:
         return self._videos[vid].nbytes
 
-    def read_video(self, vid: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The stored array itself (no copy) or a copy into ``out``."""
+    def read_video(self, vid: str, out: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
+        """The stored array itself (no copy; a view of its last ``layers`` layers) or a copy into ``out``."""
+        tokens = self._videos[vid]
+        if layers is not None:
+            tokens = last_layers(tokens, layers)
         if out is None:
-            return self._videos[vid]
-        out[...] = self._videos[vid]
+            return tokens
+        out[...] = tokens
         return out
 
     def map_video(self, vid: str) -> np.ndarray:
@@ -143,10 +184,11 @@ class Batch:
     """One batch of B queries over V distinct videos.
 
     Attributes:
-        video: ``(V, T_max, k, P, C)`` float16 tokens, zero-padded in time.
+        video: ``(V, T_max, k, P, C)`` float16 tokens, zero-padded in time (on the GPU when gathered
+            from a device cache, else on the host, pinned when the loader pins).
         video_mask: ``(V, T_max)`` bool, true on real clips.
         video_index: ``(B,)`` long, the row of ``video`` each query belongs to.
-        query: ``(B, L_max, k, Cq)`` float16 tokens, zero-padded.
+        query: ``(B, L_max, k, Cq)`` float16 tokens, zero-padded (where ``video`` is).
         query_mask: ``(B, L_max)`` bool, true on real tokens.
         fps: ``(V,)`` float32 clips per second of each video.
         queries: the B annotations as stored (:mod:`train.data.targets` clamps moments to ``T / fps``).
@@ -165,9 +207,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.queries)
 
+    _TENSORS = ("video", "video_mask", "video_index", "query", "query_mask", "fps")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Its tensors, in field order."""
+        return [getattr(self, n) for n in self._TENSORS]
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        tensors = ("video", "video_mask", "video_index", "query", "query_mask", "fps")
-        return Batch(**{n: fn(getattr(self, n)) for n in tensors}, queries=self.queries, vids=self.vids)
+        moved = dict(zip(self._TENSORS, map(fn, self.tensors()), strict=True))
+        return Batch(**moved, queries=self.queries, vids=self.vids)
 
     def pin_memory(self) -> Batch:
         """Pinned copy (used by ``DataLoader(pin_memory=True)``)."""
@@ -176,6 +224,15 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Copy of the batch with every tensor on ``device``."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def tokens_to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Copy of the batch with its token tensors (``video``, ``query``) on ``device``; the masks, index
+        and rates stay where they are (the targets are computed from them on the host)."""
+        return dataclasses.replace(
+            self,
+            video=self.video.to(device, non_blocking=non_blocking),
+            query=self.query.to(device, non_blocking=non_blocking),
+        )
 
 
 @dataclass
@@ -192,6 +249,8 @@ class LoaderConfig:
         prefetch_videos: videos read ahead by a background thread (0 = read on demand).
         max_bytes: bound on video-token bytes held by one loader process.
         verify_reads: a store opened from its path checks the CRC-32 of what it reads.
+        layers: batches hold the last ``layers`` layers of the source's (``None``: all of them).
+        read_threads: threads that copy the rows of a batch (same bytes for any number).
     """
 
     batch_size: int = 32
@@ -203,12 +262,16 @@ class LoaderConfig:
     prefetch_videos: int = 8
     max_bytes: int = 2 << 30
     verify_reads: bool = True
+    layers: int | None = None
+    read_threads: int = 4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.videos_per_batch < 1 or self.max_bytes < 1:
             raise ValueError("batch_size, videos_per_batch and max_bytes must be positive")
         if self.num_workers < 0 or self.prefetch_videos < 0:
             raise ValueError("num_workers and prefetch_videos must be >= 0")
+        if self.read_threads < 1 or (self.layers is not None and self.layers < 1):
+            raise ValueError("read_threads and layers must be >= 1")
         if isinstance(self.splits, str):
             self.splits = (self.splits,)
 
@@ -227,21 +290,38 @@ class LoaderStats:
 
 
 class _Feed:
-    """Maps videos (``map_video``: a read-only view of the page cache, no copy) in a fixed order,
-    ``depth`` ahead in a background thread that takes the disk wait, within a byte budget."""
+    """Fetches videos in a fixed order, ``depth`` ahead within a byte budget: ``fetch`` (``map_video``,
+    a read-only view of the page cache) runs in a background thread that takes the disk wait when
+    ``background``, else on :meth:`take`; without ``fetch`` only the budget is kept (a dry run)."""
 
     def __init__(
-        self, source: TokenSource, vids: Sequence[str], depth: int, max_bytes: int, stats: LoaderStats
+        self,
+        source: TokenSource,
+        vids: Sequence[str],
+        depth: int,
+        max_bytes: int,
+        stats: LoaderStats,
+        fetch: Callable[[str], Any] | None,
+        background: bool = True,
     ):
         self._source = source
         self._vids = vids
         self._next = 0
         self._depth = max(depth, 1)
         self._max_bytes = max_bytes
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="r2-read") if depth > 0 else None
-        self._pending: deque[tuple[str, int, Future[np.ndarray] | None]] = deque()
+        self._fetch = fetch
+        threaded = fetch is not None and background and depth > 0
+        self._pool = None
+        if threaded:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="r2-read", initializer=thread_device())
+        self._pending: deque[tuple[str, int, Future[Any] | None]] = deque()
         self._stats = stats
         self.held = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every video was taken."""
+        return self._next >= len(self._vids) and not self._pending
 
     def _fill(self) -> None:
         while self._next < len(self._vids) and len(self._pending) < self._depth:
@@ -251,17 +331,20 @@ class _Feed:
                 return
             self.held += size
             self._stats.peak_bytes = max(self._stats.peak_bytes, self.held)
-            future = self._pool.submit(self._source.map_video, vid) if self._pool else None
+            future = self._pool.submit(self._fetch, vid) if self._pool and self._fetch else None
             self._pending.append((vid, size, future))
             self._next += 1
 
-    def take(self) -> tuple[str, int, np.ndarray] | None:
+    def take(self) -> tuple[str, int, Any] | None:
         """The next video ``(vid, bytes, tokens)``, or ``None`` when done or the budget is full."""
         self._fill()
         if not self._pending:
             return None
         vid, size, future = self._pending.popleft()
-        tokens = future.result() if future is not None else self._source.map_video(vid)
+        if future is not None:
+            tokens = future.result()
+        else:
+            tokens = self._fetch(vid) if self._fetch is not None else None
         self._fill()
         return vid, size, tokens
 
@@ -285,12 +368,12 @@ class BatchBuffers:
 
     def __init__(self, keep: int = 2, pin: bool = False) -> None:
         self._keep = keep
-        self._pin = pin
+        self.pin = pin
         self._slots: list[tuple[np.ndarray, weakref.ref[np.ndarray]]] = []
 
     def take(self, shape: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
         """An uninitialised float16 array of ``shape`` and the tensor sharing its memory."""
-        if self._pin:
+        if self.pin:
             tensor = torch.empty(shape, dtype=torch.float16, pin_memory=True)
             return tensor.numpy(), tensor
         size = math.prod(shape)
@@ -312,30 +395,211 @@ class BatchBuffers:
         return array, torch.from_numpy(array)
 
 
+def for_each_row(fill: Callable[[int], object], count: int, threads: int) -> None:
+    """Call ``fill(i)`` for every ``i < count`` on up to ``threads`` threads (all done on return; the
+    first error is raised). Each call must write its own row only."""
+    if threads <= 1 or count <= 1:
+        for i in range(count):
+            fill(i)
+        return
+    workers = min(threads, count)
+    with ThreadPoolExecutor(workers, thread_name_prefix="r2-rows", initializer=thread_device()) as pool:
+        for _ in pool.map(fill, range(count)):
+            pass
+
+
+def length_mask(lengths: Sequence[int], pin: bool = False) -> torch.Tensor:
+    """``(N, max(lengths))`` bool tensor, row ``i`` true on its first ``lengths[i]`` entries (pinned
+    host memory with ``pin``)."""
+    mask = torch.empty((len(lengths), max(lengths)), dtype=torch.bool, pin_memory=pin)
+    np.less(np.arange(mask.shape[1])[None], np.asarray(lengths)[:, None], out=mask.numpy())
+    return mask
+
+
 def pad_rows(
     buffers: BatchBuffers,
     lengths: Sequence[int],
     tail: tuple[int, ...],
     read: Callable[[int, np.ndarray], object],
+    threads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor ``(N, max(lengths), *tail)`` whose row ``i`` holds ``lengths[i]`` items filled in
-    place by ``read(i, out)`` and zeros after, and its ``(N, max(lengths))`` bool mask."""
+    place by ``read(i, out)`` and zeros after, and its ``(N, max(lengths))`` bool mask (both pinned
+    when ``buffers`` pin). The rows are filled by ``threads`` threads (:func:`for_each_row`)."""
     longest = max(lengths)
     array, tensor = buffers.take((len(lengths), longest, *tail))
-    mask = np.zeros((len(lengths), longest), bool)
-    for i, n in enumerate(lengths):
-        read(i, array[i, :n])
-        array[i, n:] = 0
-        mask[i, :n] = True
-    return tensor, torch.from_numpy(mask)
+
+    def fill(i: int) -> None:
+        read(i, array[i, : lengths[i]])
+        array[i, lengths[i] :] = 0
+
+    for_each_row(fill, len(lengths), threads)
+    return tensor, length_mask(lengths, buffers.pin)
+
+
+def gather_on_device(rows: Sequence[torch.Tensor], layers: int, device: torch.device) -> torch.Tensor:
+    """``(N, max T, layers, ...)`` float16 on ``device``: row ``i`` holds the last ``layers`` layers of
+    ``rows[i]`` (copied on the device when it lives there), zeros after. Nothing is allocated on the
+    host."""
+    longest = max(r.size(0) for r in rows)
+    out = torch.zeros((len(rows), longest, layers, *rows[0].shape[2:]), dtype=torch.float16, device=device)
+    for i, r in enumerate(rows):
+        out[i, : r.size(0)].copy_(last_layers(r, layers), non_blocking=True)
+    return out
+
+
+def read_query_into(source: TokenSource, qid: int | str, out: np.ndarray) -> None:
+    """Copy the last ``out.shape[1]`` layers of query ``qid``'s tokens into ``out`` (``(L, layers, Cq)``)."""
+    if out.shape[1] == source.manifest.layers:
+        source.read_query(qid, out)
+    else:
+        np.copyto(out, last_layers(source.read_query(qid), out.shape[1]))
+
+
+class BatchBuilder:
+    """Builds the :class:`Batch` of a list of queries over their videos: host rows copied into
+    (pinned) buffers by ``threads`` threads, or gathered on the GPU when ``source`` keeps its tokens
+    there (:func:`device_tokens`).
+
+    Args:
+        source: where lengths, fps and query tokens come from.
+        layers: keep the last ``layers`` layers of the source's (``None``: all).
+        pin: host tensors of the batch in pinned memory (training on a GPU).
+        threads: threads that copy the rows of one batch.
+    """
+
+    def __init__(
+        self, source: TokenSource, layers: int | None = None, pin: bool = False, threads: int = 1
+    ) -> None:
+        stored = source.manifest.layers
+        self.layers = stored if layers is None else layers
+        if not 1 <= self.layers <= stored:
+            raise ValueError(f"layers must be in 1..{stored} (the source's layers), got {layers}")
+        self.source = source
+        self.pin = pin
+        self.threads = threads
+        self._video_buffers = BatchBuffers(pin=pin)
+        self._query_buffers = BatchBuffers(pin=pin)
+
+    def __call__(
+        self,
+        queries: Sequence[Query],
+        vids: Sequence[str],
+        video: Callable[[int], Any],
+    ) -> Batch:
+        """The batch of ``queries`` (in this order) over the distinct ``vids`` (row order): ``video(i)``
+        gives the tokens ``(T, k, P, C)`` of ``vids[i]`` (a host array, or a tensor on a device source);
+        on the host it is called in the copying threads."""
+        source, layers, pin = self.source, self.layers, self.pin
+        _, tokens, width = source.manifest.video_shape
+        lengths = [source.video_length(v) for v in vids]
+        qids = [q.qid for q in queries]
+        query_lengths = [source.query_length(qid) for qid in qids]
+        on_device = device_tokens(source)
+        if on_device is not None:
+            device = on_device.device
+            video_tokens = gather_on_device([video(i) for i in range(len(vids))], layers, device)
+            query = gather_on_device([on_device.query_tensor(qid) for qid in qids], layers, device)
+            video_mask, query_mask = length_mask(lengths, pin), length_mask(query_lengths, pin)
+        else:
+            video_tokens, video_mask = pad_rows(
+                self._video_buffers,
+                lengths,
+                (layers, tokens, width),
+                lambda i, out: np.copyto(out, last_layers(video(i), layers)),
+                self.threads,
+            )
+            query, query_mask = pad_rows(
+                self._query_buffers,
+                query_lengths,
+                (layers, source.manifest.text_width),
+                lambda i, out: read_query_into(source, qids[i], out),
+                self.threads,
+            )
+        row = {v: i for i, v in enumerate(vids)}
+        return Batch(
+            video=video_tokens,
+            video_mask=video_mask,
+            video_index=torch.tensor([row[q.vid] for q in queries], dtype=torch.long, pin_memory=pin),
+            query=query,
+            query_mask=query_mask,
+            fps=torch.tensor([source.video_fps(v) for v in vids], dtype=torch.float32, pin_memory=pin),
+            queries=list(queries),
+            vids=list(vids),
+        )
 
 
 @dataclass
 class _Live:
     vid: str
     size: int
-    tokens: np.ndarray
+    tokens: Any
     todo: deque[Query]
+
+
+@dataclass
+class _Planned:
+    """A batch decided by :func:`_compose`: its queries, its videos in row order (with their tokens)
+    and whether the memory bound emitted it early (``cut``)."""
+
+    queries: list[Query]
+    lives: list[_Live]
+    cut: bool
+
+
+def _compose(
+    feed: _Feed, groups: dict[str, list[Query]], batch_size: int, pool_size: int
+) -> Iterator[_Planned]:
+    """The batches of one epoch, filled round-robin from a pool of ``pool_size`` videos of ``feed``.
+    A batch's videos are released from the budget once the caller asks for the next batch (so it has
+    copied their tokens by then)."""
+    pool: list[_Live] = []
+    members: dict[str, _Live] = {}
+    picks: list[Query] = []
+    while True:
+        while len(pool) < pool_size:
+            got = feed.take()
+            if got is None:
+                break
+            vid, size, tokens = got
+            pool.append(_Live(vid, size, tokens, deque(groups[vid])))
+        if pool:
+            for live in list(pool):
+                picks.append(live.todo.popleft())
+                members.setdefault(live.vid, live)
+                if not live.todo:
+                    pool.remove(live)
+                if len(picks) == batch_size:
+                    break
+            if len(picks) < batch_size:
+                continue
+        elif not picks:
+            return
+        cut = len(picks) < batch_size and not feed.exhausted
+        planned = _Planned(list(picks), list(members.values()), cut)
+        yield planned
+        in_pool = {id(live) for live in pool}
+        for live in planned.lives:
+            if id(live) not in in_pool:
+                feed.release(live.size)
+        picks.clear()
+        members.clear()
+        del planned  # the tokens of its videos not in the pool (copied by now) are dropped here
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Batch sizes of one epoch of a :class:`GroupedQueryDataset`, decided without reading tokens.
+
+    Attributes:
+        sizes: queries of each batch (worker after worker).
+        cut: per batch, whether the memory bound emitted it early (before ``batch_size`` queries).
+        peak_bytes: most video-token bytes one loader process held.
+    """
+
+    sizes: list[int]
+    cut: list[bool]
+    peak_bytes: int
 
 
 class GroupedQueryDataset(IterableDataset):
@@ -386,10 +650,12 @@ class GroupedQueryDataset(IterableDataset):
         """The selected queries (one epoch yields each exactly once)."""
         return self._open()[1]
 
-    def _video_order(self, selected: Sequence[Query]) -> tuple[list[str], dict[str, list[Query]]]:
+    def _video_order(
+        self, selected: Sequence[Query], epoch: int
+    ) -> tuple[list[str], dict[str, list[Query]]]:
         groups: dict[str, list[Query]] = {}
         if self.config.shuffle:
-            rng = np.random.default_rng([self.config.seed, self.epoch])
+            rng = np.random.default_rng([self.config.seed, epoch])
             rank = rng.permutation(len(selected))
             ordered = [selected[i] for i in np.argsort(rank, kind="stable")]
         else:
@@ -404,92 +670,44 @@ class GroupedQueryDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         source, selected, skipped = self._open()
         self.stats = LoaderStats(skipped=dict(skipped))
-        vids, groups = self._video_order(selected)
+        vids, groups = self._video_order(selected, self.epoch)
         info = get_worker_info()
         if info is not None:
             vids = vids[info.id :: info.num_workers]
         cfg = self.config
-        feed = _Feed(source, vids, cfg.prefetch_videos, cfg.max_bytes, self.stats)
+        on_device = device_tokens(source)
+        # Tokens on the GPU are fetched in the caller's thread, so their copies run on its CUDA stream.
+        fetch = on_device.video_tensor if on_device is not None else source.map_video
+        feed = _Feed(
+            source, vids, cfg.prefetch_videos, cfg.max_bytes, self.stats, fetch, background=on_device is None
+        )
+        build = BatchBuilder(source, cfg.layers, self.pin_memory, cfg.read_threads)
         try:
-            yield from _Assembler(source, cfg, self.pin_memory).batches(feed, groups)
+            for planned in _compose(feed, groups, cfg.batch_size, cfg.videos_per_batch):
+                tokens = [live.tokens for live in planned.lives]
+                yield build(planned.queries, [live.vid for live in planned.lives], tokens.__getitem__)
         finally:
             feed.close()
 
-
-class _Assembler:
-    """Fills the batches of one epoch from a :class:`_Feed` (the round-robin pool of videos)."""
-
-    def __init__(self, source: TokenSource, config: LoaderConfig, pin: bool) -> None:
-        self._source = source
-        self._config = config
-        self._video_buffers = BatchBuffers(pin=pin)
-        self._query_buffers = BatchBuffers(pin=pin)
-
-    def batches(self, feed: _Feed, groups: dict[str, list[Query]]) -> Iterator[Batch]:
-        cfg = self._config
-        pool: list[_Live] = []
-        members: dict[str, _Live] = {}
-        picks: list[tuple[Query, _Live]] = []
-        while True:
-            while len(pool) < cfg.videos_per_batch:
-                got = feed.take()
-                if got is None:
-                    break
-                vid, size, tokens = got
-                pool.append(_Live(vid, size, tokens, deque(groups[vid])))
-            if not pool:
-                if not picks:
-                    return
-                yield self._emit(feed, picks, members, pool)
-                continue
-            for live in list(pool):
-                picks.append((live.todo.popleft(), live))
-                members.setdefault(live.vid, live)
-                if not live.todo:
-                    pool.remove(live)
-                if len(picks) == cfg.batch_size:
-                    break
-            if len(picks) == cfg.batch_size:
-                yield self._emit(feed, picks, members, pool)
-
-    def _emit(
-        self, feed: _Feed, picks: list[tuple[Query, _Live]], members: dict[str, _Live], pool: list[_Live]
-    ) -> Batch:
-        """Assemble the batch of ``picks``, then release the videos no longer needed."""
-        source, m = self._source, self._source.manifest
-        lives = list(members.values())
-        row = {live.vid: i for i, live in enumerate(lives)}
-        video, video_mask = pad_rows(
-            self._video_buffers,
-            [live.tokens.shape[0] for live in lives],
-            m.video_shape,
-            lambda i, out: np.copyto(out, lives[i].tokens),
-        )
-        qids = [q.qid for q, _ in picks]
-        query, query_mask = pad_rows(
-            self._query_buffers,
-            [source.query_length(qid) for qid in qids],
-            m.query_shape,
-            lambda i, out: source.read_query(qids[i], out),
-        )
-        fps = [source.video_fps(live.vid) for live in lives]
-        batch = Batch(
-            video=video,
-            video_mask=video_mask,
-            video_index=torch.tensor([row[live.vid] for _, live in picks], dtype=torch.long),
-            query=query,
-            query_mask=query_mask,
-            fps=torch.tensor(fps, dtype=torch.float32),
-            queries=[q for q, _ in picks],
-            vids=[live.vid for live in lives],
-        )
-        in_pool = {id(live) for live in pool}
-        for live in lives:
-            if id(live) not in in_pool:
-                feed.release(live.size)
-        picks.clear()
-        members.clear()
-        return batch
+    def epoch_plan(self, epoch: int, max_bytes: int | None = None) -> EpochPlan:
+        """The batch sizes of ``epoch`` under the bound ``max_bytes`` (default ``config.max_bytes``), for
+        ``config.num_workers`` processes, from the video sizes alone (no token is read)."""
+        source, selected, _ = self._open()
+        vids, groups = self._video_order(selected, epoch)
+        cfg = self.config
+        bound = cfg.max_bytes if max_bytes is None else max_bytes
+        workers = max(1, cfg.num_workers)
+        sizes: list[int] = []
+        cut: list[bool] = []
+        peak = 0
+        for worker in range(workers):
+            stats = LoaderStats()
+            feed = _Feed(source, vids[worker::workers], cfg.prefetch_videos, bound, stats, None)
+            for planned in _compose(feed, groups, cfg.batch_size, cfg.videos_per_batch):
+                sizes.append(len(planned.queries))
+                cut.append(planned.cut)
+            peak = max(peak, stats.peak_bytes)
+        return EpochPlan(sizes, cut, peak)
 
 
 def select_queries(
@@ -518,11 +736,36 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+CUT_MARGIN = 1.1
+"""The bound suggested when batches are cut: the peak of an unbounded epoch times this (other epochs
+shuffle the videos differently)."""
+
+
+def describe_cuts(config: LoaderConfig, epoch: int, bounded: EpochPlan, unbounded: EpochPlan) -> str:
+    """The warning for batches that the memory bound cut in ``epoch`` (``bounded``), with the bound that
+    keeps them whole (from the peak of ``unbounded``)."""
+    gib = 2**30
+    cut = [size for size, was_cut in zip(bounded.sizes, bounded.cut, strict=True) if was_cut]
+    needed = math.ceil(CUT_MARGIN * unbounded.peak_bytes / gib)
+    return (
+        f"the memory bound of the pooled loader cuts {len(cut)} of the {len(bounded.sizes)} batches of "
+        f"pass {epoch + 1} over the data to fewer queries than the batch_size={config.batch_size} asked for "
+        f"(as few as {min(cut)}, {sum(cut) / len(cut):.0f} on average): the videos of a whole batch, with "
+        f"the pool and read-ahead, take up to {unbounded.peak_bytes / gib:.3g} GiB of tokens, more than "
+        f"train.loader_memory_gb={config.max_bytes / gib:.3g} allows; --set train.loader_memory_gb={needed} "
+        "keeps the batches whole"
+    )
+
+
 class StreamingLoader:
     """The trainer's loader: iterate it once per epoch; :meth:`set_epoch` changes the order.
 
     With ``config.num_workers == 0`` batches are built in this process (a background thread reads
-    ahead); otherwise a torch ``DataLoader`` with that many worker processes is started per epoch.
+    ahead; host tensors are allocated pinned with ``pin_memory``); otherwise a torch ``DataLoader``
+    with that many worker processes is started per epoch.
+
+    With ``report_cuts`` the first epoch whose batches the memory bound cuts (:class:`EpochPlan`) is
+    logged once, as a warning: epoch 0 here, at set-up, later ones when they start.
     """
 
     def __init__(
@@ -531,11 +774,14 @@ class StreamingLoader:
         config: LoaderConfig | None = None,
         query_filter: Callable[[Query], bool] | None = None,
         pin_memory: bool = False,
+        report_cuts: bool = False,
     ) -> None:
         self.dataset = GroupedQueryDataset(source, config, query_filter)
         self.config = self.dataset.config
         self.pin_memory = pin_memory
         self.dataset.pin_memory = pin_memory and self.config.num_workers == 0
+        self._checked: set[int] | None = set() if report_cuts else None
+        self._report_cuts(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -545,10 +791,21 @@ class StreamingLoader:
         """Queries per epoch."""
         return len(self.dataset.queries)
 
+    def _report_cuts(self, epoch: int) -> None:
+        """Warn (once per loader) when the memory bound cuts batches of ``epoch``."""
+        if self._checked is None or epoch in self._checked:
+            return
+        self._checked.add(epoch)
+        bounded = self.dataset.epoch_plan(epoch)
+        if any(bounded.cut):
+            unbounded = self.dataset.epoch_plan(epoch, max_bytes=1 << 62)
+            log.warning(describe_cuts(self.config, epoch, bounded, unbounded))
+            self._checked = None
+
     def __iter__(self) -> Iterator[Batch]:
+        self._report_cuts(self.dataset.epoch)
         if self.config.num_workers == 0:
-            for batch in self.dataset:
-                yield batch.pin_memory() if self.pin_memory else batch
+            yield from self.dataset
             return
         loader = DataLoader(
             self.dataset,

@@ -8,9 +8,11 @@ batches are decided here, in the calling process, from the seed and the epoch on
 processes (``num_workers > 0``, streaming from the store) only fetch the tokens of the batches they
 are handed, so the batches never depend on the number of workers.
 
-Each batch holds its distinct videos once (``Batch.video`` rows, ``video_index`` per query). Tokens
-come from a :class:`train.data.cache.TokenCache`: gathered on the GPU when the cache lives there,
-else copied into padded host buffers (pinned when ``pin_memory``), the next batch assembled in a
+Each batch holds its distinct videos once (``Batch.video`` rows, ``video_index`` per query), and
+only the last ``layers`` layers the model fuses. Tokens come from a
+:class:`train.data.cache.TokenCache`: gathered on the GPU when the cache lives there (in the calling
+thread, so on its CUDA stream; no token is copied on the host), else copied by ``read_threads``
+threads straight into padded host buffers (pinned when ``pin_memory``), the next batch assembled in a
 background thread while the current one trains.
 """
 
@@ -26,10 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shards.device import thread_device
 from shards.schema import Query
 from shards.store import open_store
 from train.data.cache import CachePlan, TokenCache
-from train.data.loader import Batch, BatchBuffers, pad_rows, select_queries
+from train.data.loader import Batch, BatchBuilder, select_queries
 
 
 def uniform_batches(
@@ -46,65 +49,43 @@ class BatchAssembler:
 
     Args:
         cache: where tokens come from (videos gathered on its device when it lives on the GPU).
-        pin: allocate host batch buffers in pinned memory (training on a GPU).
+        pin: allocate host batch tensors in pinned memory (training on a GPU).
+        layers: keep the last ``layers`` layers of the cache's (``None``: all).
+        threads: threads that copy the rows of a host batch.
     """
 
-    def __init__(self, cache: TokenCache, pin: bool = False) -> None:
+    def __init__(
+        self, cache: TokenCache, pin: bool = False, layers: int | None = None, threads: int = 1
+    ) -> None:
         self.cache = cache
-        self._video_buffers = BatchBuffers(pin=pin)
-        self._query_buffers = BatchBuffers(pin=pin)
-
-    def _videos_on_device(self, vids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = [self.cache.video_tensor(v) for v in vids]
-        device = self.cache.plan.device
-        lengths = torch.tensor([t.size(0) for t in tokens])
-        longest = int(lengths.max())
-        video = torch.zeros((len(tokens), longest, *tokens[0].shape[1:]), dtype=torch.float16, device=device)
-        for i, t in enumerate(tokens):
-            video[i, : t.size(0)] = t.to(device, non_blocking=True)
-        return video, torch.arange(longest)[None] < lengths[:, None]
+        self._build = BatchBuilder(cache, layers, pin, threads)
 
     def __call__(self, queries: Sequence[Query]) -> Batch:
         """The batch of ``queries`` (in this order; each distinct video once, in first-use order)."""
-        cache, shapes = self.cache, self.cache.manifest
+        cache = self.cache
         vids = list(dict.fromkeys(q.vid for q in queries))
-        row = {v: i for i, v in enumerate(vids)}
         if cache.on_device:
-            video, video_mask = self._videos_on_device(vids)
-        else:
-            video, video_mask = pad_rows(
-                self._video_buffers,
-                [cache.video_length(v) for v in vids],
-                shapes.video_shape,
-                lambda i, out: np.copyto(out, cache.map_video(vids[i])),
-            )
-        qids = [q.qid for q in queries]
-        query, query_mask = pad_rows(
-            self._query_buffers,
-            [cache.query_length(qid) for qid in qids],
-            shapes.query_shape,
-            lambda i, out: cache.read_query(qids[i], out),
-        )
-        return Batch(
-            video=video,
-            video_mask=video_mask,
-            video_index=torch.tensor([row[q.vid] for q in queries], dtype=torch.long),
-            query=query,
-            query_mask=query_mask,
-            fps=torch.tensor([cache.video_fps(v) for v in vids], dtype=torch.float32),
-            queries=list(queries),
-            vids=vids,
-        )
+            return self._build(queries, vids, lambda i: cache.video_tensor(vids[i]))
+        return self._build(queries, vids, lambda i: cache.map_video(vids[i]))
 
 
 class _StoreBatches(Dataset):
     """Worker side of streaming: batch ``i`` of a fixed list, assembled from the store (opened once
     per worker process, no cache)."""
 
-    def __init__(self, store: str | Path, batches: list[list[Query]], verify_reads: bool = True) -> None:
+    def __init__(
+        self,
+        store: str | Path,
+        batches: list[list[Query]],
+        verify_reads: bool = True,
+        layers: int | None = None,
+        threads: int = 1,
+    ) -> None:
         self.store = store
         self.verify_reads = verify_reads
         self.batches = batches
+        self.layers = layers
+        self.threads = threads
         self._assemble: BatchAssembler | None = None
 
     def __len__(self) -> int:
@@ -114,7 +95,7 @@ class _StoreBatches(Dataset):
         if self._assemble is None:
             source = open_store(self.store, verify_reads=self.verify_reads)
             plan = CachePlan("off", torch.device("cpu"), 0, 0)
-            self._assemble = BatchAssembler(TokenCache(source, plan))
+            self._assemble = BatchAssembler(TokenCache(source, plan, self.layers), threads=self.threads)
         return self._assemble(self.batches[index])
 
 
@@ -137,6 +118,8 @@ class UniformLoader:
             they are served from memory in this process).
         pin_memory: pinned host batches (training on a GPU).
         verify_reads: workers check the CRC-32 of what they read (:func:`shards.store.open_store`).
+        layers: batches hold the last ``layers`` layers of the store's (``None``: all).
+        read_threads: threads that copy the rows of a host batch (same bytes for any number).
     """
 
     def __init__(
@@ -151,8 +134,12 @@ class UniformLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         verify_reads: bool = True,
+        layers: int | None = None,
+        read_threads: int = 4,
     ) -> None:
         self.cache = cache
+        self.layers = layers
+        self.read_threads = read_threads
         self.verify_reads = verify_reads
         self.store_path = store_path
         self.batch_size = batch_size
@@ -162,7 +149,7 @@ class UniformLoader:
         self.pin_memory = pin_memory
         self.queries, self.skipped = select_queries(cache, splits, query_filter)
         self.epoch = 0
-        self._assemble = BatchAssembler(cache, pin=pin_memory and not cache.on_device)
+        self._assemble = BatchAssembler(cache, pin_memory, layers, read_threads)
 
     @property
     def num_queries(self) -> int:
@@ -182,7 +169,7 @@ class UniformLoader:
         batches = self.epoch_batches()
         if self.num_workers > 0:
             loader = DataLoader(
-                _StoreBatches(self.store_path, batches, self.verify_reads),
+                _StoreBatches(self.store_path, batches, self.verify_reads, self.layers, self.read_threads),
                 batch_size=None,
                 shuffle=False,
                 num_workers=self.num_workers,
@@ -191,7 +178,11 @@ class UniformLoader:
             )
             yield from loader
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="r2-batch") as pool:
+        if self.cache.on_device:  # kernel launches only: gathered in this thread, on its CUDA stream
+            for queries in batches:
+                yield self._assemble(queries)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="r2-batch", initializer=thread_device()) as pool:
             ahead: deque[Future[Batch]] = deque()
             for queries in batches:
                 ahead.append(pool.submit(self._assemble, queries))

@@ -119,13 +119,16 @@ def validation_loader(
     query_filter: Callable[[Query], bool] | None = None,
     batch_size: int | None = None,
 ) -> StreamingLoader:
-    """Loader over ``split`` in store order, one video at a time, annotations unclamped."""
+    """Loader over ``split`` in store order, one video at a time, annotations unclamped; its batches hold
+    the ``model.layers`` layers the model fuses (gathered on the GPU when ``source`` caches them there)."""
     config = LoaderConfig(
         batch_size=batch_size or cfg.train.batch_size,
         videos_per_batch=1,
         splits=(split,),
         shuffle=False,
         num_workers=0,
+        layers=cfg.model.layers,
+        read_threads=cfg.train.read_threads,
     )
     return StreamingLoader(source, config, query_filter=query_filter)
 

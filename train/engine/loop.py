@@ -13,6 +13,11 @@ Every model owns the states of the global generators (python, numpy, torch) that
 the random stream a run of its config alone would see (on CPU its weights, losses and metrics are
 bit-identical), and its ``last.pt`` holds its own states, so an interrupted run resumes alone.
 
+Steps never wait on the host (on CUDA): a model's per-step values (losses, gradient norm, skipped flag)
+stay on the device until it reads them, every ``train.log_every`` steps and at the end of the epoch, in
+one transfer (:meth:`Member.flush`); the epoch's statistics, the progress bar and the non-finite check
+see them then.
+
 With ``isolate_failures`` (the sweep), a model whose step, validation or files fail is set aside with
 its error and the others go on; otherwise (``r2 train``) the error propagates at once. A model whose
 steps are non-finite :data:`NONFINITE_STEPS` times in a row fails with :class:`NonFiniteLossError`.
@@ -45,7 +50,7 @@ from train.engine.records import (
 from train.engine.rng import capture_rng, restore_rng, seed_everything
 from train.engine.rundata import RunData, epoch_inputs
 from train.engine.runlog import RunPaths
-from train.engine.step import TrainState, build_state, train_step
+from train.engine.step import StepValues, TrainState, build_state, read_step_values, train_step
 
 NONFINITE_STEPS = 5
 """Consecutive non-finite steps after which a model stops: steps whose loss is NaN or Inf, or, without
@@ -58,6 +63,22 @@ class NonFiniteLossError(R2Error):
 
 
 @dataclass
+class PendingStep:
+    """A step whose values are still on the device.
+
+    Attributes:
+        values: the :func:`train.engine.step.train_step` result.
+        size: queries of its batch.
+        iteration: optimizer steps taken after it. epoch: its 0-based epoch.
+    """
+
+    values: StepValues
+    size: int
+    iteration: int
+    epoch: int
+
+
+@dataclass
 class Member:
     """One model of the loop with the bookkeeping of its run directory.
 
@@ -66,9 +87,11 @@ class Member:
         paths: its run directory.
         best: its best validated epoch so far (ranked by the dataset's key metric).
         rng: its states of the global generators (:func:`train.engine.rng.capture_rng`).
-        stats: running totals of the current epoch's steps.
+        stats: running totals of the current epoch's steps (of those read so far).
         error: why it was set aside (``isolate_failures`` only), else ``None``.
         nonfinite: consecutive non-finite steps so far (see :data:`NONFINITE_STEPS`).
+        log_every: steps between two reads of the step values from the device (``train.log_every``).
+        pending: the steps not read yet.
     """
 
     state: TrainState
@@ -78,29 +101,51 @@ class Member:
     stats: EpochStats = field(default_factory=lambda: EpochStats(lr=0.0))
     error: BaseException | None = None
     nonfinite: int = 0
+    log_every: int = 1
+    pending: list[PendingStep] = field(default_factory=list)
 
-    def step(self, inputs: ModelInputs, size: int) -> dict[str, float]:
-        """One optimizer step on ``inputs`` (``size`` queries) with this model's generator states.
+    def step(self, inputs: ModelInputs, size: int) -> None:
+        """One optimizer step on ``inputs`` (``size`` queries) with this model's generator states. Its
+        values stay on the device until :attr:`log_every` steps are pending; then :meth:`flush` reads them.
 
         Raises:
-            NonFiniteLossError: the :data:`NONFINITE_STEPS`-th non-finite step in a row.
+            NonFiniteLossError: from :meth:`flush`.
         """
-        restore_rng(self.rng)
+        device = self.state.device
+        restore_rng(self.rng, device)
         try:
-            out = train_step(self.state, inputs)
+            values = train_step(self.state, inputs)
         finally:
-            self.rng = capture_rng()
-        self.stats.add(out, size)
-        bad = not math.isfinite(out["loss"]) or (bool(out["skipped"]) and not self.state.amp)
-        self.nonfinite = self.nonfinite + 1 if bad else 0
-        if self.nonfinite >= NONFINITE_STEPS:
-            raise NonFiniteLossError(
-                f"run {self.paths.root}: {self.nonfinite} training steps in a row had a non-finite loss or "
-                f"gradient (the last: loss {out['loss']:g}, gradient norm {out['grad_norm']:g}, iteration "
-                f"{self.state.iteration}, epoch {self.state.epoch + 1}), so none updated the weights; check "
-                "the store for non-finite tokens (`r2 shards verify STORE`) or lower the learning rate (lr)"
-            )
-        return out
+            self.rng = capture_rng(device)
+        self.pending.append(PendingStep(values, size, self.state.iteration, self.state.epoch))
+        if len(self.pending) >= self.log_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the values of the pending steps from the device (one transfer: the host waits for them
+        here) and count them, in order, into :attr:`stats` and the non-finite streak.
+
+        A streak is thus detected at the read after its :data:`NONFINITE_STEPS`-th step, counting the
+        same consecutive steps as a check after every step; the steps taken meanwhile were skipped too
+        (a non-finite loss has non-finite gradients), so the weights stay those before the streak.
+
+        Raises:
+            NonFiniteLossError: the :data:`NONFINITE_STEPS`-th non-finite step in a row (the message names
+                its loss, gradient norm, iteration and epoch).
+        """
+        pending, self.pending = self.pending, []
+        for step, out in zip(pending, read_step_values([p.values for p in pending]), strict=True):
+            self.stats.add(out, step.size)
+            bad = not math.isfinite(out["loss"]) or (bool(out["skipped"]) and not self.state.amp)
+            self.nonfinite = self.nonfinite + 1 if bad else 0
+            if self.nonfinite >= NONFINITE_STEPS:
+                raise NonFiniteLossError(
+                    f"run {self.paths.root}: {self.nonfinite} training steps in a row had a non-finite loss "
+                    f"or gradient (the last: loss {out['loss']:g}, gradient norm {out['grad_norm']:g}, "
+                    f"iteration {step.iteration}, epoch {step.epoch + 1}), so none updated the weights; "
+                    "check the store for non-finite tokens (`r2 shards verify STORE`) or lower the learning "
+                    "rate (lr)"
+                )
 
 
 def new_member(cfg: RunConfig, data: RunData, paths: RunPaths) -> Member:
@@ -108,7 +153,8 @@ def new_member(cfg: RunConfig, data: RunData, paths: RunPaths) -> Member:
     ``train.seed``, the model built (its initial weights depend on the seed only), the states taken."""
     seed_everything(cfg.train.seed)
     state = build_state(cfg, data.device)
-    return Member(state, paths, Best(get_dataset(cfg.dataset).key_metric), capture_rng())
+    best = Best(get_dataset(cfg.dataset).key_metric)
+    return Member(state, paths, best, capture_rng(data.device), log_every=cfg.train.log_every)
 
 
 class TrainLoop:
@@ -151,23 +197,36 @@ class TrainLoop:
         return tqdm(total=total, desc=desc, unit="q", disable=not self.progress, leave=False)
 
     def _train_epoch(self, epoch: int) -> float:
-        """Epoch ``epoch`` (0-based) of every model; returns its wall time in seconds."""
+        """Epoch ``epoch`` (0-based) of every model, its step values read at the end; returns its wall
+        time in seconds."""
         for m in self.alive:
             m.stats = EpochStats(lr=m.state.schedule.lr_at(m.state.epoch, m.state.iteration))
         data, cfg = self.data, self.cfg
         total = data.loader.num_queries * cfg.train.repeat
         start = time.perf_counter()
         with self._bar(total, f"epoch {epoch + 1}/{cfg.train.epochs}") as bar:
+            shown = 0
             for inputs, size in epoch_inputs(data.loader, cfg, data.spec, data.device, epoch):
-                losses = []
                 for m in self.alive:
                     with self._guard(m):
-                        losses.append(m.step(inputs, size)["loss"])
+                        m.step(inputs, size)
                 bar.update(size)
-                if losses:
-                    rate = bar.n / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", sps=f"{rate:.1f}")
+                read = sum(m.stats.steps for m in self.alive)
+                if read != shown:
+                    shown = read
+                    self._postfix(bar, start)
+            for m in self.alive:
+                with self._guard(m):
+                    m.flush()
+            self._postfix(bar, start)
         return time.perf_counter() - start
+
+    def _postfix(self, bar: tqdm, start: float) -> None:
+        """Show the epoch's mean loss so far (read steps, averaged over the models) and the query rate."""
+        losses = [m.stats.mean("loss") for m in self.alive if m.stats.steps]
+        if losses:
+            rate = bar.n / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", sps=f"{rate:.1f}")
 
     def _validate(self, records: dict[int, dict[str, Any]]) -> None:
         """One read of the validation split: every model predicts each batch, then ranks its predictions

@@ -52,7 +52,8 @@ class EpochStats:
     samples: int = 0
 
     def add(self, out: dict[str, float], samples: int) -> None:
-        """Count one :func:`train.engine.step.train_step` result ``out`` of a batch of ``samples`` queries."""
+        """Count one :func:`train.engine.step.train_step` result ``out``, read as floats
+        (:func:`train.engine.step.read_step_values`), of a batch of ``samples`` queries."""
         self.lr = out["lr"]
         self.skipped += int(out["skipped"])
         for name, value in out.items():
@@ -61,10 +62,14 @@ class EpochStats:
         self.steps += 1
         self.samples += samples
 
+    def mean(self, name: str) -> float:
+        """Mean of the loss ``name`` over the steps counted so far (0 before the first)."""
+        return self.totals.get(name, 0.0) / max(self.steps, 1)
+
     def record(self, seconds: float) -> dict[str, Any]:
         """The metrics-log fields of the epoch, which took ``seconds`` of wall time."""
         return {
-            "train": {name: value / max(self.steps, 1) for name, value in self.totals.items()},
+            "train": {name: self.mean(name) for name in self.totals},
             "lr": self.lr,
             "steps": self.steps,
             "skipped_steps": self.skipped,

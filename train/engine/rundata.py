@@ -5,7 +5,11 @@ batches of each epoch.
 token dims), picks the training queries as the reference filters them and the validation split, and
 builds the loaders. :func:`epoch_inputs` yields the model inputs of one epoch; their order and the
 positive-clip draws are pure functions of (seed, epoch), so a resumed run and a shared sweep pass see
-the batches a fresh run sees.
+the batches a fresh run sees. On CUDA each batch is moved to the GPU on a side stream while the
+previous step runs on the current one (:func:`side_stream_batches`); on the CPU it is used in line.
+
+The loaders and the token cache read only the ``model.layers`` layers the model fuses, and their host
+batches are copied by ``train.read_threads`` threads into pinned memory when training on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from shards.datasets import DatasetSpec, get_dataset
-from shards.device import resolve_device
+from shards.device import use_device
 from shards.errors import ConfigError
 from shards.schema import Query
 from shards.store import FeatureStore, Manifest, open_store
@@ -28,10 +32,11 @@ from train.compat import config_for_store
 from train.config import RunConfig
 from train.data.batching import ModelInputs, model_inputs
 from train.data.cache import TokenCache, needed_bytes, plan_cache
-from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.loader import Batch, LoaderConfig, StreamingLoader
 from train.data.targets import query_targets
 from train.data.uniform import UniformLoader
 from train.engine.evaluate import check_predictable, validation_loader
+from train.engine.memory import estimate_step, store_extent
 from train.engine.records import run_provenance
 from train.engine.runlog import RunPaths, write_json_atomic
 from train.engine.schedule import steps_per_epoch
@@ -114,16 +119,20 @@ def token_cache(
         or (q.split == val_split and q.vid in videos and store.has_query(q.qid)
             and (in_domain is None or in_domain(q)))
     ]
-    plan = plan_cache(cfg.train.cache, cfg.train.cache_gb, needed_bytes(store, used), device)
+    layers = cfg.model.layers
+    step = estimate_step(cfg, *store_extent(store), device_type="cuda").total if device.type == "cuda" else 0
+    plan = plan_cache(cfg.train.cache, cfg.train.cache_gb, needed_bytes(store, used, layers), device, step)
     log.info(plan.describe())
-    return TokenCache(store, plan)
+    return TokenCache(store, plan, layers)
 
 
 def train_loader(
     store_path: str | Path, cache: TokenCache, cfg: RunConfig, split: str, keep: set, pin: bool
 ) -> TrainLoader:
     """Shuffled loader over the trainable queries of ``split``: the reference's uniform batches
-    (``train.batching=uniform``) read through ``cache``, or the pooled streaming loader (``pooled``)."""
+    (``train.batching=uniform``) read through ``cache``, or the pooled streaming loader (``pooled``),
+    which says once when its memory bound (``train.loader_memory_gb``) cuts batches. Either runs in this
+    process when the cache holds tokens (``train.num_workers`` then only serves streamed reads)."""
     if cfg.train.batching == "uniform":
         return UniformLoader(
             cache,
@@ -136,6 +145,8 @@ def train_loader(
             num_workers=cfg.train.num_workers,
             pin_memory=pin,
             verify_reads=cfg.train.verify_reads,
+            layers=cfg.model.layers,
+            read_threads=cfg.train.read_threads,
         )
     config = LoaderConfig(
         batch_size=cfg.train.batch_size,
@@ -143,12 +154,14 @@ def train_loader(
         splits=(split,),
         shuffle=True,
         seed=cfg.train.seed,
-        num_workers=cfg.train.num_workers,
+        num_workers=cfg.train.num_workers if cache.plan.mode == "off" else 0,
         max_bytes=int(cfg.train.loader_memory_gb * 2**30),
         verify_reads=cfg.train.verify_reads,
+        layers=cfg.model.layers,
+        read_threads=cfg.train.read_threads,
     )
     source = store_path if cache.plan.mode == "off" else cache
-    return StreamingLoader(source, config, query_filter=_TrainableQueries(keep), pin_memory=pin)
+    return StreamingLoader(source, config, _TrainableQueries(keep), pin_memory=pin, report_cuts=True)
 
 
 @dataclass
@@ -217,7 +230,7 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
     """
     store = open_store(store_path, verify_reads=cfg.train.verify_reads)
     cfg = config_for_store(cfg, store.manifest, store_path)
-    torch_device = resolve_device(device)
+    torch_device = use_device(device)
     split = cfg.train.train_split
     keep = trainable_queries(store, cfg, split)
     if not keep:
@@ -254,16 +267,43 @@ def pos_clip_generator(seed: int, pass_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def side_stream_batches(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` with their tokens moved to ``device`` on a side CUDA stream (the loader's gathers and
+    the host-to-device copies of the tokens run there), so that a batch's transfer overlaps the step still
+    running on the current stream; the current stream waits for it before the batch is handed over, and
+    the allocator is told the tokens are used there (``record_stream``), so their memory is not reused
+    early. Only the loader's float16 tokens are staged ahead: the float32 model inputs are built from
+    them on the current stream (:func:`train.data.batching.model_inputs`), after the step before has
+    freed its own; masks, index and rates stay on the host, where the targets are computed from them
+    without reading the GPU. On the CPU: ``batches`` as they are."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    while True:
+        with torch.cuda.stream(side):
+            batch = next(batches, None)
+            if batch is None:
+                return
+            batch = batch.tokens_to(device, non_blocking=True)
+        main.wait_stream(side)
+        for tensor in (batch.video, batch.query):
+            tensor.record_stream(main)
+        yield batch
+
+
 def epoch_inputs(
     loader: TrainLoader, cfg: RunConfig, spec: DatasetSpec, device: torch.device, epoch: int
 ) -> Iterator[tuple[ModelInputs, int]]:
     """Model inputs of every batch of 0-based ``epoch`` with the number of queries in the batch: one
     pass of a :class:`UniformLoader` (it repeats the queries itself), ``cfg.train.repeat`` passes of the
-    pooled loader. The order and the positive-clip draws depend on (seed, pass) only."""
+    pooled loader. The order and the positive-clip draws depend on (seed, pass) only. On CUDA the
+    next batch is moved to the GPU on a side stream while the step runs (:func:`side_stream_batches`)."""
     passes = 1 if isinstance(loader, UniformLoader) else cfg.train.repeat
     for r in range(passes):
         pass_index = epoch * passes + r
         loader.set_epoch(pass_index)
         generator = pos_clip_generator(cfg.train.seed, pass_index)
-        for batch in loader:
+        for batch in side_stream_batches(iter(loader), device):
             yield model_inputs(batch, spec, cfg.model.layers, device, generator), len(batch)

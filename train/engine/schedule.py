@@ -64,25 +64,30 @@ class LrSchedule:
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 1e-4
+    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 1e-4, fused: bool = False
 ) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients (torch default betas and eps)."""
+    """AdamW over the parameters that require gradients (torch default betas and eps).
+
+    ``fused``: the fused implementation (same math, one kernel; the CUDA path, whose steps a GradScaler
+    or a non-finite gradient norm skips on the device), else torch's default (for-each on the CPU).
+    """
     trainable = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
+def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """Clip the global L2 gradient norm to ``max_norm`` (``None`` or <= 0: no clipping).
 
-    Returns the total norm before clipping (``nan``/``inf`` when a gradient overflowed).
+    Returns the total norm before clipping, a 0-dim float32 tensor on the gradients' device (``nan``/``inf``
+    when a gradient overflowed; 0 when no parameter has a gradient), computed without a host read.
     """
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
+    params = list(params)
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros((), device=params[0].device if params else None)
     if max_norm is None or max_norm <= 0:
-        norms = torch.stack([p.grad.detach().float().norm(2) for p in grads if p.grad is not None])
-        return float(norms.norm(2))
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm=max_norm, norm_type=2))
+        return torch.stack([p.grad.detach().float().norm(2) for p in with_grad if p.grad is not None]).norm(2)
+    return torch.nn.utils.clip_grad_norm_(with_grad, max_norm=max_norm, norm_type=2)
 
 
 def steps_per_epoch(queries: int, cfg: RunConfig) -> int:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from eval.predictions import QueryPrediction
 from shards.datasets import DatasetSpec, get_dataset
-from shards.device import resolve_device
+from shards.device import use_device
 from shards.errors import CheckpointError, ConfigError
 from shards.schema import Query
 from shards.store import open_store
@@ -122,7 +122,7 @@ def score_checkpoint(
         )
     identity = ckpt.meta.get("store")
     opened = open_store_for(identity, store, f"checkpoint {path}") if identity else open_store(store)
-    torch_device = resolve_device(device)
+    torch_device = use_device(device)
     model, cfg, _ = load_checkpoint(path, device=torch_device)
     cfg = config_for_store(cfg, opened.manifest, store)
     spec = get_dataset(cfg.dataset)

@@ -1,8 +1,9 @@
 """``r2 train``: a feature store in, a scored checkpoint out.
 
-:func:`train_run` opens the run's data (:mod:`train.engine.rundata`), prepares the run directory
-(:mod:`train.engine.runlog`) and runs the one training loop (:mod:`train.engine.loop`) with one model:
-optimizer steps (:mod:`train.engine.step`), validation every ``train.val_every`` epochs
+:func:`train_run` makes the device the current one, opens the run's data (:mod:`train.engine.rundata`),
+checks that one step's estimated memory fits the device (:mod:`train.engine.memory`), prepares the run
+directory (:mod:`train.engine.runlog`) and runs the one training loop (:mod:`train.engine.loop`) with one
+model: optimizer steps (:mod:`train.engine.step`), validation every ``train.val_every`` epochs
 (:mod:`train.engine.evaluate`), the best checkpoint by the dataset's key metric and the run's files
 (:mod:`train.engine.records`). CLIP is never loaded. An interrupted run continues with
 ``resume=True`` from its last completed epoch, bit-for-bit on CPU: weights, optimizer, scaler,
@@ -16,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shards.device import use_device
 from shards.errors import CheckpointError, ConfigError
+from shards.store import open_store
 from train.checkpoint import Checkpoint, load_weights, read_checkpoint
 from train.compat import open_store_for, with_token_dims
 from train.config import RunConfig
 from train.engine.loop import Member, TrainLoop, new_member
+from train.engine.memory import check_step_memory
 from train.engine.rundata import open_run_data
 from train.engine.runlog import RunPaths, prepare_run_dir, read_metrics, truncate_metrics
 from train.engine.schedule import warn_short_warmup
@@ -143,7 +147,8 @@ def train_run(
         out_dir: run directory; must be empty or absent unless ``resume``.
         resume: continue the run in ``out_dir`` from its ``last.pt`` (a fresh start when ``out_dir``
             is empty); ``cfg`` may differ from the stored config only in :data:`RESUMABLE_CHANGES`.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; fp16 AMP runs on CUDA when ``cfg.train.amp``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (made the current CUDA device, so that no
+            context opens on another GPU); fp16 AMP runs on CUDA when ``cfg.train.amp``.
         progress: show tqdm bars on stderr and log the warning of a run that never leaves the warm-up
             (:func:`train.engine.schedule.warn_short_warmup`); a sweep's trials turn both off (the sweep
             warns once for all its trials).
@@ -152,10 +157,12 @@ def train_run(
         RunDirError: ``out_dir`` holds an earlier run and ``resume`` is off.
         StoreError: missing store, or a store that does not fit ``cfg`` or the resumed checkpoint.
         CheckpointError: corrupt ``last.pt``, or one of another preset / config.
-        ConfigError: no trainable queries, a missing validation split, unknown device, or a key metric
-            validation does not report.
+        ConfigError: no trainable queries, a missing validation split, unknown device, a step whose
+            estimated memory does not fit the GPU's free memory (checked before the model is built,
+            :func:`train.engine.memory.check_step_memory`), or a key metric validation does not report.
     """
-    cfg, data = open_run_data(cfg, store_path, device)
+    cfg, data = open_run_data(cfg, store_path, str(use_device(device)))
+    check_step_memory(cfg, open_store(store_path), data.device)
     paths, resuming = prepare_run_dir(out_dir, resume)
     member = new_member(cfg, data, paths)
     if resuming:

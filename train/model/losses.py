@@ -56,9 +56,14 @@ class L1Loss(nn.Module):
         self.weight = weight
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """``pred``, ``target`` (B, N, 2); ``positive`` (B, N) bool -> scalar."""
-        error = (pred[positive] - target[positive]).abs()
-        return self.weight * error.sum() / max(error.numel(), 1)
+        """``pred``, ``target`` (B, N, 2); ``positive`` (B, N) bool -> scalar.
+
+        Masked rather than indexed (a boolean index would make the host wait for the mask's count);
+        the other points contribute exact zeros to the value and the gradient, non-finite ones too.
+        """
+        mask = positive[..., None].expand_as(pred)
+        error = torch.where(mask, pred - target, 0.0).abs().sum()
+        return self.weight * error / mask.sum().clamp(min=1)
 
 
 class SampledNCELoss(nn.Module):

@@ -19,10 +19,11 @@ class PointGenerator:
         self.ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def __call__(self, sizes: list[int], device: torch.device | None = None) -> torch.Tensor:
-        """Points of levels with ``sizes[l]`` steps -> (Σ T_l, 4) float32."""
+        """Points of levels with ``sizes[l]`` steps -> (Σ T_l, 4) float32, made on ``device`` (no copy of
+        host data, which would make the host wait for the device)."""
         rows = []
         for size, s, (lo, hi) in zip(sizes, self.strides, self.ranges, strict=False):
             t = torch.arange(size, dtype=torch.float32, device=device) * s
-            rest = torch.tensor([lo, hi, float(s)], dtype=torch.float32, device=device).expand(size, 3)
-            rows.append(torch.cat((t[:, None], rest), dim=1))
+            rest = [t.new_full((size,), value) for value in (lo, hi, float(s))]
+            rows.append(torch.stack((t, *rest), dim=1))
         return torch.cat(rows)

@@ -14,7 +14,7 @@ import typer
 
 from shards.cluster import DEFAULT_WORKER_TIMEOUT, check_worker_timeout
 from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_summary, format_table
-from train.sweep.runner import SHARED_PASS_MODES, SweepError, plan_sweep, run_sweep
+from train.sweep.runner import SHARED_PASS_MODES, SweepError, check_device, plan_sweep, run_sweep
 from train.sweep.spec import build_spec
 from train.sweep.trials import TrialRecord
 
@@ -53,7 +53,10 @@ def sweep(
         None, "--threads", help="Torch threads per trial (default: cores / workers; 1 with --scheduler); "
         "recorded per trial, and the best command repeats it."
     ),
-    device: str = typer.Option("auto", "--device", help="Device of the trials: auto, cpu, cuda, cuda:1."),
+    device: str = typer.Option(
+        "auto", "--device", help="Device of the trials: auto or cuda (every visible GPU, one worker each), "
+        "cuda:N (GPU N only), cpu."
+    ),
     shared_pass: str = typer.Option(
         "auto", "--shared-pass", help="Train compatible trials on one shared data pass: auto, on, off."
     ),
@@ -63,6 +66,8 @@ def sweep(
     if shared_pass not in SHARED_PASS_MODES:
         raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
     check_worker_timeout(worker_timeout)
+    if not scheduler:
+        check_device(device)
     sweep_spec = build_spec(spec_file=spec, preset=preset, store=store, grid=grid, ranges=ranges,
                             n_random=n_random, fixed=fixed, seed=seed, seeds=seeds)
     plan = plan_sweep(sweep_spec, out, device=device)

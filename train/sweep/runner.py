@@ -34,6 +34,7 @@ from shards.cluster import (
     interruptible,
     worker_count,
 )
+from shards.device import resolve_device, trial_gpus, usable_cores, use_device, visible_gpus, worker_device
 from shards.errors import R2Error
 from train.engine.runlog import write_json_atomic
 from train.sweep.results import SweepResult, write_results
@@ -131,22 +132,15 @@ def plan_sweep(
     return SweepPlan(spec, preset, store, out_dir, requests, key_metric, higher_is_better, arch)
 
 
-def _gpu_count(device: str) -> int:
-    """CUDA devices the trials will use (0 for CPU trials)."""
-    if device != "auto" and not device.startswith("cuda"):
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def default_workers(n_tasks: int, device: str = "cpu") -> int:
-    """LocalCluster worker processes: one per GPU for CUDA trials, else one per core; at most one per
-    task and within available memory."""
+    """LocalCluster worker processes: one per GPU the trials use (:func:`shards.device.trial_gpus`: one
+    for ``cuda:N``, every visible GPU for ``cuda`` / ``auto``), else one per core; at most one per task
+    and within available memory."""
     import psutil
 
     by_memory = int(psutil.virtual_memory().available // _WORKER_MEMORY_BYTES)
-    return max(1, min(_gpu_count(device) or _cores(), n_tasks, by_memory))
+    gpus = len(trial_gpus(device, visible_gpus())) if device != "cpu" else 0
+    return max(1, min(gpus or usable_cores(), n_tasks, by_memory))
 
 
 def _record_spec(plan: SweepPlan) -> None:
@@ -182,9 +176,9 @@ def _resolve_existing(plan: SweepPlan) -> tuple[list[TrialRecord], list[TrialReq
 
 
 def _worker_device(device: str) -> str:
-    """``cuda:i`` for worker ``i`` of a LocalCluster on a machine with several GPUs (trials that ask for
-    ``cuda`` or ``auto``), so that each worker process trains on its own GPU; else ``device``."""
-    if device not in ("auto", "cuda"):
+    """This worker's device for trials asked to run on ``device`` (:func:`shards.device.worker_device`
+    with this LocalCluster worker's name; ``device`` outside a worker)."""
+    if device == "cpu":
         return device
     from distributed import get_worker
 
@@ -192,15 +186,13 @@ def _worker_device(device: str) -> str:
         name = get_worker().name
     except ValueError:
         return device
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return f"cuda:{name % gpus}" if isinstance(name, int) and gpus > 1 else device
+    return worker_device(device, visible_gpus(), name)
 
 
 def run_task(requests: list[TrialRequest], trial_fn: TrialFn | None) -> list[TrialRecord]:
-    """Run one task on a worker: a single trial, or several trials in one shared data pass."""
-    device = _worker_device(requests[0].device)
+    """Run one task on a worker: a single trial, or several trials in one shared data pass, on this
+    worker's device (made the current CUDA device, :func:`shards.device.use_device`)."""
+    device = str(use_device(_worker_device(requests[0].device)))
     requests = [replace(r, device=device) for r in requests]
     if len(requests) > 1:
         from train.sweep.shared import run_shared_trials
@@ -263,8 +255,10 @@ def _run_tasks(
     if scheduler:
         with connect(scheduler, worker_timeout) as client:
             check_visible(client, [pending[0].store, Path(pending[0].trial_dir).parent])
+            check_device(pending[0].device, client)
             slots = max(1, worker_count(client))
-            tasks = _with_threads(_make_tasks(pending, trial_fn, shared_pass, slots), threads or 1)
+            tasks = _make_tasks(pending, trial_fn, shared_pass, slots, _worker_budget(client))
+            tasks = _with_threads(tasks, threads or 1)
             _submit_all(client, tasks, trial_fn, on_record)
         return
     if workers == 0:
@@ -279,7 +273,7 @@ def _run_tasks(
     slots = workers or default_workers(len(pending), pending[0].device)
     tasks = _make_tasks(pending, trial_fn, shared_pass, slots)
     n_workers = min(slots, len(tasks))
-    tasks = _with_threads(tasks, threads or max(1, _cores() // n_workers))
+    tasks = _with_threads(tasks, threads or max(1, usable_cores() // n_workers))
     with _sigint_ignored_in_children(), dask.config.set({"distributed.worker.daemon": False}):
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
@@ -338,8 +332,10 @@ def run_sweep(
         the results of the finished trials were written.
 
     Raises:
-        SweepError: a bad option. ClusterError: an external cluster without a worker, or whose workers
-            do not see the store or the sweep directory.
+        SweepError: a bad option. ConfigError: a device that does not exist here (or on the workers of
+            an external cluster), e.g. ``cuda`` without CUDA; checked before any trial runs.
+        ClusterError: an external cluster without a worker, or whose workers do not see the store or
+            the sweep directory.
     """
     if shared_pass not in SHARED_PASS_MODES:
         raise SweepError(f"--shared-pass {shared_pass!r}: use one of {', '.join(SHARED_PASS_MODES)}")
@@ -348,6 +344,8 @@ def run_sweep(
     if threads is not None and threads < 1:
         raise SweepError(f"--threads {threads}: must be >= 1")
     check_worker_timeout(worker_timeout)
+    if plan.requests and not scheduler:
+        check_device(plan.requests[0].device)
     _record_spec(plan)
     finished, pending = _resolve_existing(plan)
     records = {r.index: r for r in finished}
@@ -375,19 +373,43 @@ def run_sweep(
     return result
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _with_threads(tasks: list[list[TrialRequest]], threads: int | None) -> list[list[TrialRequest]]:
     return [[replace(r, threads=threads) for r in task] for task in tasks]
 
 
 def _make_tasks(pending: list[TrialRequest], trial_fn: TrialFn | None, shared_pass: str,
-                slots: int) -> list[list[TrialRequest]]:
-    """Single-trial tasks, or shared-pass groups of compatible trials (real trainer only)."""
+                slots: int, budget: Callable[[str, int], int] | None = None) -> list[list[TrialRequest]]:
+    """Single-trial tasks, or shared-pass groups of compatible trials (real trainer only) within
+    ``budget(device, workers)`` bytes per pass (default: this machine's,
+    :func:`train.sweep.shared.memory_budget`)."""
     if shared_pass == "off" or trial_fn is not None or len(pending) < 2:
         return [[r] for r in pending]
-    from train.sweep.shared import group_requests
+    from train.sweep.shared import group_requests, memory_budget
 
-    return group_requests(pending, slots=slots, mode=shared_pass)
+    return group_requests(pending, slots=slots, mode=shared_pass, budget=budget or memory_budget)
+
+
+def _worker_budget(client) -> Callable[[str, int], int]:
+    """The memory budget of one shared pass as a worker of an external cluster sees it (its own GPU
+    or host, one worker per GPU as the cluster docs set it up)."""
+    from train.sweep.shared import memory_budget
+
+    def budget(device: str, workers: int) -> int:
+        return client.submit(memory_budget, device, 1, pure=False).result()
+
+    return budget
+
+
+def check_device(device: str, client=None) -> None:
+    """Fail once, before any trial runs, when the trials' ``device`` does not exist (``cuda`` without
+    CUDA, ``cuda:N`` beyond the visible GPUs): here, or on a worker of ``client`` (an external cluster).
+
+    Raises:
+        ConfigError: from :func:`shards.device.resolve_device`, naming the device and what to use.
+    """
+    if device in ("cpu", "auto"):
+        return
+    if client is None:
+        resolve_device(device)
+    else:
+        client.submit(resolve_device, device, pure=False).result()

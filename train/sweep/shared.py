@@ -19,20 +19,20 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
 
-from shards.device import resolve_device
+from shards.device import gpu_sharers, resolve_device, trial_gpus, use_device, visible_gpus
 from shards.errors import ConfigError
 from shards.store import open_store
 from train.compat import config_for_store
 from train.config import RunConfig
 from train.engine.loop import TrainLoop, new_member
+from train.engine.memory import ACTIVATIONS, BATCH, STATE, StepMemory, estimate_step, free_bytes, store_extent
 from train.engine.rundata import open_run_data
 from train.engine.runlog import prepare_run_dir
-from train.model import R2Tuning, count_parameters
 from train.sweep.config import fresh_trial_dir, request_config, result_metrics
 from train.sweep.trials import (
     TrialRecord,
@@ -48,9 +48,7 @@ SHARED_MODEL_SECTIONS = ("model", "loss", "optim")
 DATA_MODEL_KEYS = ("arch", "video_tokens", "video_width", "text_width", "layers")
 """... except these model keys, which decide the tokens the loader feeds."""
 MEMORY_FRACTION = 0.6
-"""Share of the free memory (per worker) that the models of one shared pass may take."""
-_ACTIVATION_FACTOR = 6
-"""(B, T, P, D) float32 activations kept per fused layer for backward (maps, pooling, dropout masks)."""
+"""Share of a worker's free memory (its share of a GPU, or of the host) that one shared pass may take."""
 
 
 def data_key(cfg: RunConfig) -> str:
@@ -64,46 +62,39 @@ def data_key(cfg: RunConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def model_bytes(cfg: RunConfig, max_clips: int) -> int:
-    """Rough training memory of one model (bytes): weights, gradients and AdamW moments
-    (16 bytes/parameter), its own float32 copy of the batch's video tokens with the TEF appended
-    ``(B, T, k, P, C + 2)`` and the per-layer activations ``(B, T, P, D)``.
-
-    ``max_clips`` is the longest video of the store (T).
-    """
-    with torch.device("meta"):
-        params = count_parameters(R2Tuning(cfg.model, cfg.loss))
-    m = cfg.model
-    p, c, _ = m.token_dims()
-    tokens = cfg.train.batch_size * max_clips * m.layers * p
-    return 16 * params + 4 * tokens * (c + 2 + _ACTIVATION_FACTOR * m.dims)
+def pass_bytes(step: StepMemory, models: int) -> int:
+    """Memory of a shared pass of ``models`` models whose single step is ``step`` (bytes): the batch
+    once, one model's activations (the models step one after the other, each backward frees its
+    activations) and every model's weights, gradients and AdamW moments."""
+    return step.bytes_of(BATCH) + step.bytes_of(ACTIVATIONS) + models * step.bytes_of(STATE)
 
 
-def shared_bytes(cfg: RunConfig, max_clips: int) -> int:
-    """Memory of the batch all models read: float32 video tokens ``(B, T, k, P, C)`` (bytes)."""
-    p, c, _ = cfg.model.token_dims()
-    return 4 * cfg.train.batch_size * max_clips * cfg.model.layers * p * c
+def max_models(step: StepMemory, budget: int) -> int:
+    """Most models of one step ``step`` whose shared pass fits ``budget`` bytes (at least 1)."""
+    room = budget - step.bytes_of(BATCH) - step.bytes_of(ACTIVATIONS)
+    return max(1, room // max(step.bytes_of(STATE), 1))
 
 
 def memory_budget(device: str, workers: int) -> int:
-    """Bytes the models of one shared pass may use: a share of the free GPU memory for CUDA trials,
-    else of the available host memory divided among ``workers`` worker processes."""
+    """Bytes one shared pass may use: :data:`MEMORY_FRACTION` of the free memory of the least free GPU
+    the trials spread over, divided among the workers that share that GPU
+    (:func:`shards.device.gpu_sharers`); for CPU trials, of the available host memory divided among
+    ``workers`` worker processes."""
     target = resolve_device(device)
-    if target.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(target)
-        return int(MEMORY_FRACTION * free)
-    return int(MEMORY_FRACTION * psutil.virtual_memory().available / max(workers, 1))
+    gpus = trial_gpus(device, visible_gpus()) if target.type == "cuda" else []
+    if gpus:
+        free = min(free_bytes(torch.device("cuda", g)) for g in gpus)
+        return int(MEMORY_FRACTION * free / gpu_sharers(workers, len(gpus)))
+    return int(MEMORY_FRACTION * free_bytes(target) / max(workers, 1))
 
 
-def max_models(cfg: RunConfig, max_clips: int, budget: int) -> int:
-    """How many models of ``cfg`` fit in ``budget`` bytes next to one shared batch (at least 1)."""
-    room = budget - shared_bytes(cfg, max_clips)
-    return max(1, room // max(model_bytes(cfg, max_clips), 1))
-
-
-def _store_max_clips(store: str) -> int:
-    handle = open_store(store)
-    return max((handle.video_length(v) for v in handle.video_ids()), default=1)
+def _pass_size(configs: list[RunConfig], request: TrialRequest, budget: int) -> int:
+    """Most models of ``configs`` (trials of one data key) one shared pass holds within ``budget``."""
+    clips, tokens = store_extent(open_store(request.store))
+    device = request.device     # cuda[:N] is taken as asked: an external cluster's GPUs are not here
+    device_type = "cuda" if device.startswith("cuda") else resolve_device(device).type
+    steps = [estimate_step(cfg, clips, tokens, device_type=device_type) for cfg in configs]
+    return min(max_models(step, budget) for step in steps)
 
 
 def _split_even(items: list, parts: int) -> list[list]:
@@ -117,14 +108,21 @@ def _split_even(items: list, parts: int) -> list[list]:
     return chunks
 
 
-def group_requests(pending: list[TrialRequest], *, slots: int, mode: str) -> list[list[TrialRequest]]:
+def group_requests(
+    pending: list[TrialRequest],
+    *,
+    slots: int,
+    mode: str,
+    budget: Callable[[str, int], int] = memory_budget,
+) -> list[list[TrialRequest]]:
     """Tasks for ``pending`` trials: shared-pass groups of compatible trials, else single trials.
 
     ``mode='on'`` makes each set of compatible trials as few groups as memory allows. ``mode='auto'``
     shares only when there are more compatible trials than ``slots`` (workers that would otherwise
     run them side by side): it splits them into ``slots`` groups (more if memory demands), so every
     worker stays busy and each batch is read once per worker instead of once per trial. With one slot
-    (one GPU) all compatible trials share one pass.
+    (one GPU) all compatible trials share one pass. Memory: :func:`pass_bytes` of a group stays within
+    ``budget(device, slots)`` bytes (default :func:`memory_budget`, asked only when a set is shared).
     """
     if mode == "off" or len(pending) < 2:
         return [[r] for r in pending]
@@ -143,9 +141,8 @@ def group_requests(pending: list[TrialRequest], *, slots: int, mode: str) -> lis
         if len(members) == 1 or (mode == "auto" and len(members) <= slots):
             tasks += [[r] for r in members]
             continue
-        max_clips = _store_max_clips(members[0].store)
-        budget = memory_budget(members[0].device, 1 if mode == "on" else slots)
-        fit = min(max_models(configs[r.index], max_clips, budget) for r in members)
+        room = budget(members[0].device, slots)
+        fit = _pass_size([configs[r.index] for r in members], members[0], room)
         parts = math.ceil(len(members) / fit) if mode == "on" else max(slots, math.ceil(len(members) / fit))
         tasks += [chunk for chunk in _split_even(members, min(parts, len(members))) if chunk]
     return sorted(tasks, key=lambda task: task[0].index)
@@ -162,11 +159,12 @@ def run_shared_trials(requests: list[TrialRequest]) -> list[TrialRecord]:
     for request in requests:
         start_trial(request)
     try:
+        device = str(use_device(requests[0].device))
         configs = [request_config(r) for r in requests]
         if len({data_key(c) for c in configs}) != 1:
             raise ValueError("trials of a shared pass must have the same data settings (see data_key)")
         store = requests[0].store
-        _, data = open_run_data(configs[0], store, requests[0].device)
+        _, data = open_run_data(configs[0], store, device)
         members = []
         for request, cfg in zip(requests, configs, strict=True):
             fresh_trial_dir(Path(request.trial_dir))
