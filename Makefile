@@ -3,7 +3,8 @@
 #   make serve [CHECKPOINT=...] web page to ground sentences in a video (default: the demo's checkpoint)
 #   make test                  ruff, mypy and the test suite (what CI runs); GPU tests skip without CUDA
 #   make test-gpu              only the GPU tests (pytest -m cuda), on a machine with CUDA
-#   make extract DATASET=tacos extract CLIP tokens for data/tacos/ into cache/tacos/
+#   make extract DATASET=tacos extract CLIP tokens for data/tacos/ into cache/tacos/ (any other name than
+#                              the six benchmarks is one's own data: the custom dataset, docs/custom-data.md)
 #   make train  [PRESET=...]   train on a store (default: the embedded sample store)
 #   make sweep  [GRID=...]     hyper-parameter sweep over a store
 #   make bench                 benchmarks (scripts/bench_*.py)
@@ -21,6 +22,7 @@ DATASET ?= sample
 ARCH ?= ViT-B-32
 LAYERS ?= 4
 PRETRAINED ?= openai
+FPS ?= auto
 DEVICE ?= auto
 CACHE ?= cache
 RUNS ?= runs
@@ -37,12 +39,18 @@ EXTRACT_ARGS = --sample --out $(STORE)
 # warns): here 1 warm-up step, then 2 steps at the full rate.
 SET ?= --set epochs=3 --set batch_size=4 --set warmup=1 --set train.num_workers=0
 else
+# The six benchmarks by name; any other DATASET is one's own videos: the custom dataset and preset.
+BENCHMARKS := qvhighlights charades tacos ego4d youtube tvsum
+KIND := $(if $(filter $(DATASET),$(BENCHMARKS)),$(DATASET),custom)
+# One naming rule for stores: cache/<dataset>/<ARCH>_<weights>_k<LAYERS>.zarr, <weights> = openai, random,
+# random-SEED or a weights file's stem, so a random-weights test store never sits where the real one goes.
+WEIGHTS_TAG := $(basename $(notdir $(subst :,-,$(PRETRAINED))))
 SET ?=
-STORE ?= $(CACHE)/$(DATASET)/$(ARCH)_k$(LAYERS).zarr
-PRESET ?= $(DATASET)
-EXTRACT_ARGS = --dataset $(DATASET) --videos $(DATA)/$(DATASET)/videos \
-	$(addprefix --annotations ,$(wildcard $(DATA)/$(DATASET)/*.jsonl)) --out $(STORE) \
-	--arch $(ARCH) --pretrained $(PRETRAINED) --layers $(LAYERS) --device $(DEVICE)
+STORE ?= $(CACHE)/$(DATASET)/$(ARCH)_$(WEIGHTS_TAG)_k$(LAYERS).zarr
+PRESET ?= $(KIND)
+# The annotation folder gives one file per split (the documented names first; r2 extract says which).
+EXTRACT_ARGS = --dataset $(KIND) --videos $(DATA)/$(DATASET)/videos --annotations $(DATA)/$(DATASET) \
+	--out $(STORE) --arch $(ARCH) --pretrained $(PRETRAINED) --layers $(LAYERS) --fps $(FPS) --device $(DEVICE)
 endif
 RUN ?= $(RUNS)/$(DATASET)
 SWEEP ?= $(RUNS)/$(DATASET)-sweep
@@ -98,13 +106,14 @@ serve: $(STAMP)
 	@test -f "$(CHECKPOINT)" || { echo "no checkpoint at $(CHECKPOINT): run \`make demo\` first, or give one: make serve CHECKPOINT=runs/<run>/best.pt" >&2; exit 2; }
 	$(BIN)/r2 serve --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
+# pytest's options (-q) are in pyproject.toml; one more -q here would hide its summary line.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest
 
 test-gpu: $(STAMP)
-	$(BIN)/pytest -q -m cuda
+	$(BIN)/pytest -m cuda
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -51,16 +51,19 @@ class EncodedVideo:
         path: the video file.
         tokens: ``(T, k, P, C)`` float16 CLIP block outputs, one row per sampled clip.
         fps: clips per second; clip ``t`` covers ``[t / fps, (t + 1) / fps)`` seconds.
+        seconds: the video's length as its container gives it (``None`` when it does not say).
     """
 
     path: Path
     tokens: np.ndarray
     fps: float
+    seconds: float | None = None
 
     @property
     def duration(self) -> float:
-        """Length covered by the clips, in seconds (``T / fps``)."""
-        return len(self.tokens) / self.fps
+        """The video's length in seconds: the container's, else the clips' (``T / fps``, which rounds
+        it to a whole clip: 31 s for a 30.7-s video at 1 fps)."""
+        return self.seconds if self.seconds is not None else len(self.tokens) / self.fps
 
 
 @dataclass
@@ -222,7 +225,7 @@ class Predictor:
         if not chunks:
             lasts = "" if duration is None else f" (the video lasts {duration:g} s)"
             raise VideoError(f"{path}: no frames could be sampled at {self.fps:g} fps{lasts}")
-        return EncodedVideo(Path(path), np.concatenate(chunks), self.fps)
+        return EncodedVideo(Path(path), np.concatenate(chunks), self.fps, duration)
 
     def encode_query(self, text: str) -> np.ndarray:
         """Text tokens of one sentence: ``(L, k, Cq)`` float16, SOT..EOT."""

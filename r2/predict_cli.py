@@ -29,7 +29,9 @@ def predict(
     sentences: list[str] = typer.Argument(..., help="One or more sentences to ground."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="best.pt / last.pt written by r2 train."),
     plot: Path | None = typer.Option(
-        None, help="PNG with the saliency curve and the top moments (one file per sentence: -1, -2 ...)."
+        None,
+        help="PNG with the saliency curve and the top moments; with several sentences one file each, "
+        "named after it with -1, -2, ... (out.png -> out-1.png, out-2.png).",
     ),
     top: int = typer.Option(5, help="How many moments to print per sentence (at least 1)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),

@@ -186,3 +186,10 @@ def test_cli_json_is_the_submission_format_r2_eval_reads(checkpoint, tmp_path) -
     assert [p.qid for p in read_predictions(lines)] == [2579, "q-2"]
     result = CliRunner().invoke(build_app(), [*args, "--qid", "7"])
     assert result.exit_code == 2 and "1 --qid values for 2 sentences" in result.output
+
+
+def test_the_duration_is_the_videos_not_the_clips_rounded_up(predictor) -> None:
+    charades = sample_paths()[0] / "univtg_charades.mp4"  # 30.697 s: 31 clips at 1 fps
+    video = predictor.encode_video(charades, batch_size=16)
+    assert len(video.tokens) == 31 and video.duration == pytest.approx(30.697, abs=1e-3)
+    assert all(end <= video.duration + 1e-6 for _, end, _ in predictor.predict(video, "a cup").moments)
