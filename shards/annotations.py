@@ -344,17 +344,29 @@ def _parse_moments(record: dict[str, Any], where: str, spec: DatasetSpec, split:
     qid = _qid(record, where)
     text = _text(_required(record, "query", where), "query", where)
     duration = _positive(_required(record, "duration", where), "duration", where)
-    vid = _vid(record, where)
-    windows = record.get("relevant_windows")
+    header = (_vid(record, where), qid, text, duration)
+    return _moment_query(record, where, spec, split, header, record.get("relevant_windows"))
+
+
+def _moment_query(
+    record: dict[str, Any],
+    where: str,
+    spec: DatasetSpec,
+    split: str,
+    header: tuple[str, int | str, str, float],
+    windows: Any,
+) -> Query:
+    """The :class:`Query` of a moment record with its checked ``header`` ``(vid, qid, text, duration)``:
+    its ``windows`` clamped into the video (by at most one clip) and its QVHighlights-style saliency."""
+    vid, qid, text, duration = header
     tolerance = spec.clip_seconds if spec.clip_seconds is not None else 0.0
-    moments = [] if windows is None else _windows(windows, duration, tolerance, where)
     return Query(
         vid=vid,
         qid=qid,
         text=text,
         duration=duration,
         split=split,
-        moments=moments,
+        moments=[] if windows is None else _windows(windows, duration, tolerance, where),
         saliency=_qvh_saliency(record, duration, where),
     )
 
@@ -477,16 +489,7 @@ def _parse_custom(
             "from the video when the field is absent)"
         )
     qid = _qid(record, where) if record.get("qid") is not None else custom_qid(vid, text, windows)
-    tolerance = spec.clip_seconds or 0.0
-    return Query(
-        vid=vid,
-        qid=qid,
-        text=text,
-        duration=duration,
-        split=split,
-        moments=[] if windows is None else _windows(windows, duration, tolerance, where),
-        saliency=_qvh_saliency(record, duration, where),
-    )
+    return _moment_query(record, where, spec, split, (vid, qid, text, duration), windows)
 
 
 _PARSERS: dict[str, _Parser] = {"youtube": _parse_youtube, "tvsum": _parse_tvsum}
