@@ -19,7 +19,8 @@ from extract.job import run_extraction
 from r2.predict import Predictor
 from shards.datasets import get_dataset
 from shards.store import open_store
-from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
+from tests.helpers.fixtures import TINY_STEP_OVERRIDES, TINY_STEP_SPEC
+from tests.helpers.synthetic import make_synthetic_store, synthetic_run_config
 from train.config import RunConfig, apply_overrides, get_preset
 from train.data.batching import ModelInputs, model_inputs
 from train.data.cache import CachePlan, TokenCache
@@ -30,17 +31,8 @@ from train.engine.trainer import train_run
 
 pytestmark = pytest.mark.cuda
 
-SPEC = SyntheticSpec(n_videos=6, clips=16, layers=2, max_len=5, seed=5)
-OVERRIDES = [
-    "model.dims=32",
-    "model.heads=4",
-    "batch_size=4",
-    "train.pool_size=2",
-    "train.num_workers=0",
-    "warmup=2",
-    "lr=1e-3",
-    "train.amp=true",
-]
+SPEC = TINY_STEP_SPEC
+OVERRIDES = [*TINY_STEP_OVERRIDES, "train.amp=true"]
 
 
 @pytest.fixture(scope="module")

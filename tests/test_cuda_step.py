@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.fixtures import synthetic_store_fixture
-from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
+from tests.helpers.fixtures import TINY_STEP_OVERRIDES, TINY_STEP_SPEC, synthetic_store_fixture
+from tests.helpers.synthetic import synthetic_run_config
 from train.config import RunConfig
 from train.data.batching import ModelInputs
 from train.engine.loop import Member
@@ -36,18 +36,8 @@ from train.engine.step import (
 
 pytestmark = pytest.mark.cuda
 
-SPEC = SyntheticSpec(n_videos=6, clips=16, layers=2, max_len=5, seed=5)
-OVERRIDES = [
-    "model.dims=32",
-    "model.heads=4",
-    "batch_size=4",
-    "train.pool_size=2",
-    "train.num_workers=0",
-    "warmup=2",
-    "lr=1e-3",
-    "epochs=1",
-    "train.amp=true",
-]
+SPEC = TINY_STEP_SPEC
+OVERRIDES = [*TINY_STEP_OVERRIDES, "epochs=1", "train.amp=true"]
 
 store = synthetic_store_fixture(SPEC)
 

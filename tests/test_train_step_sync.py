@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers.fixtures import synthetic_store_fixture
-from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
+from tests.helpers.fixtures import TINY_STEP_OVERRIDES, TINY_STEP_SPEC, synthetic_store_fixture
+from tests.helpers.synthetic import synthetic_run_config
 from train.config import RunConfig
 from train.data.batching import ModelInputs
 from train.engine.loop import NONFINITE_STEPS, Member, NonFiniteLossError
@@ -34,17 +34,8 @@ from train.engine.step import (
 )
 from train.model.losses import L1Loss
 
-SPEC = SyntheticSpec(n_videos=6, clips=16, layers=2, max_len=5, seed=5)
-OVERRIDES = [
-    "model.dims=32",
-    "model.heads=4",
-    "batch_size=4",
-    "train.pool_size=2",
-    "train.num_workers=0",
-    "warmup=2",
-    "lr=1e-3",
-    "epochs=1",
-]
+SPEC = TINY_STEP_SPEC
+OVERRIDES = [*TINY_STEP_OVERRIDES, "epochs=1"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

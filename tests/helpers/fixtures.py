@@ -1,4 +1,5 @@
-"""What the test modules share besides conftest: a tiny store manifest, a module-scoped synthetic store."""
+"""What the test modules share besides conftest: a tiny store manifest, a module-scoped synthetic store,
+and the tiny store + model settings of the training-step tests (CPU and CUDA)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ import pytest
 
 from shards.manifest import Manifest, make_manifest
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store
+
+TINY_STEP_SPEC = SyntheticSpec(n_videos=6, clips=16, layers=2, max_len=5, seed=5)
+"""Store of the training-step tests: 6 videos of 16 clips, 2 layers."""
+TINY_STEP_OVERRIDES = (
+    "model.dims=32",
+    "model.heads=4",
+    "batch_size=4",
+    "train.pool_size=2",
+    "train.num_workers=0",
+    "warmup=2",
+    "lr=1e-3",
+)
+"""A small model taking real steps on :data:`TINY_STEP_SPEC` (add ``epochs=``, ``train.amp=``, ...)."""
 
 
 def make_tiny_manifest(geometry: tuple[int, int, int, int], **overrides: Any) -> Manifest:
