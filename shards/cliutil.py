@@ -36,6 +36,16 @@ _RESUME = (
 )
 
 
+def duration_text(seconds: float) -> str:
+    """``seconds`` for a progress line or an estimate, to the precision a person reads it at: ``45 s``,
+    ``28 min``, ``3.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _size(nbytes: float) -> str:
     """``nbytes`` for a message: ``512 bytes``, ``1.5 MB``, ..."""
     units = ("bytes", "kB", "MB", "GB", "TB")
@@ -149,10 +159,12 @@ class _LineFormatter(logging.Formatter):
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Show the toolkit's log lines on stderr from ``level`` up: information as it is, warnings as
-    ``warning: ...`` (called once by the ``r2`` command; a library user keeps their own set-up)."""
+    ``warning: ...`` (called by the ``r2`` command; a library user keeps their own set-up). Calling it
+    again replaces the handler it added (on the stderr of the time)."""
     handler = logging.StreamHandler()
     handler.setFormatter(_LineFormatter())
     for name in TOOLKIT_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h.formatter, _LineFormatter)]
         logger.addHandler(handler)

@@ -1,9 +1,11 @@
-"""Sweep runner with a tiny injected trial function: failures, resume, results, threads, dask, Ctrl-C."""
+"""Sweep runner with a tiny injected trial function: failures, resume, results, threads, dask, Ctrl-C and
+SIGTERM."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import signal
@@ -112,11 +114,16 @@ def test_sweep_folder_of_another_store_is_refused(tmp_path):
         plan_sweep(build_spec(preset="charades", store=str(tmp_path / "nope"), grid=["lr=1"]), tmp_path / "x")
 
 
-def test_local_cluster_with_two_workers_runs_every_trial(tmp_path):
+def test_local_cluster_with_two_workers_runs_every_trial(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="train.sweep.progress")
     plan = _plan(tmp_path, ["lr=1e-3,1e-4,1e-5", "loss_sal=0.1,bad"])
     seen = []
     result = run_sweep(plan, trial_fn=toy_trial, workers=2, on_record=seen.append)
     assert sorted(r.index for r in seen) == list(range(6))
+    lines = [r.getMessage() for r in caplog.records if r.name == "train.sweep.progress"]
+    assert lines[0] == "6 trials to run, 2 at a time"        # progress from the records the workers send
+    assert [line.split()[1] for line in lines[1:]] == [f"{n}/6" for n in range(1, 7)]
+    assert lines[-1].endswith(" · ok 3 · running 0 · failed 3")
     assert result.counts()["ok"] == 3 and result.counts()["failed"] == 3
     pids = {r.metrics["pid"] for r in result.records if r.status == "ok"}
     assert os.getpid() not in pids
@@ -127,6 +134,7 @@ _INTERRUPTED = textwrap.dedent(
     """
     import signal, sys, time
     from pathlib import Path
+    from shards.cliutil import sigterm_as_interrupt
     from train.sweep.runner import plan_sweep, run_sweep
     from train.sweep.spec import build_spec
 
@@ -141,7 +149,8 @@ _INTERRUPTED = textwrap.dedent(
 
     if __name__ == "__main__":
         spec = build_spec(preset="charades", store=sys.argv[1], grid=["lr=1,2,3,4"])
-        run_sweep(plan_sweep(spec, sys.argv[2], key_metric="score"), trial_fn=trial, workers=2)
+        with sigterm_as_interrupt():
+            run_sweep(plan_sweep(spec, sys.argv[2], key_metric="score"), trial_fn=trial, workers=2)
     """
 )
 
@@ -154,7 +163,9 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_ctrl_c_keeps_finished_trials_and_a_rerun_finishes_the_rest(tmp_path):
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, "KeyboardInterrupt"),
+                                            (signal.SIGTERM, "Terminated")])
+def test_ctrl_c_or_sigterm_keeps_finished_trials_and_a_rerun_finishes_the_rest(tmp_path, signum, raised):
     script = tmp_path / "interrupted.py"
     script.write_text(_INTERRUPTED)
     store, out = tmp_path / "store.zarr", tmp_path / "sweep"
@@ -165,10 +176,10 @@ def test_ctrl_c_keeps_finished_trials_and_a_rerun_finishes_the_rest(tmp_path):
     while not (list(out.glob("trial-002_*/started")) and len(list(out.glob(f"*/{DONE_FILE}"))) == 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: the whole process group
+    os.killpg(proc.pid, signum)     # Ctrl-C in a terminal, or a batch scheduler: the whole process group
     assert proc.wait(timeout=120) != 0          # a generous deadline: a loaded CI machine is slow
     stderr = proc.stderr.read().decode()
-    assert "KeyboardInterrupt" in stderr and stderr.count("Traceback") == 1   # workers stayed quiet
+    assert raised in stderr and stderr.count("Traceback") == 1   # workers stayed quiet
     deadline = time.monotonic() + 60
     while _group_alive(proc.pid) and time.monotonic() < deadline:        # dask workers are gone too
         time.sleep(0.1)

@@ -5,18 +5,30 @@ Training itself is :func:`train.engine.trainer.train_run`; the device is ``--dev
 ``train.device``; ``--threads`` sets torch's intra-op threads (the count a sweep trial recorded, so that
 its printed command reproduces it bit for bit).
 
+User errors come before the heavy imports (torch, the engine), within about a second: the preset, the
+``--set`` overrides and the store (it must open, :func:`shards.store.open_store`). A store of random-weight
+features (a pipeline test) gets one warning. Ctrl-C and SIGTERM (a batch scheduler's pre-emption) stop
+the run cleanly (:mod:`train.engine.loop`): one line says where and how to resume, exit status 130 / 143.
+
 ``train`` is the command function; ``r2.cli`` registers it as ``r2 train``.
 """
 
 from __future__ import annotations
 
+import logging
+import shlex
 from pathlib import Path
 
 import typer
 
+from shards.cliutil import interrupt_exit_code, interrupt_name, sigterm_as_interrupt
 from shards.datasets import get_dataset
 from shards.errors import ConfigError
+from shards.manifest import Manifest
 from train.config import ALIASES, RunConfig, apply_overrides, get_preset, preset_names
+from train.engine.runlog import RunPaths, read_interrupt, utc_now
+
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -58,21 +70,88 @@ def train(
         return
     if store is None:
         raise ConfigError("training needs --store (a feature store); or use --dry-run")
-    from train.engine.trainer import train_run  # heavy imports (store, loader) only when training
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: must be >= 1")
+    from shards.store import open_store  # no torch: a missing or broken store fails fast
+
+    warn_random_features(open_store(store).manifest, store)
+    out = out or Path("runs") / cfg.preset
+    again = resume_command(preset, arch, overrides, store, out, device, threads)
+    began = utc_now()
+    with sigterm_as_interrupt():
+        try:
+            _train(cfg, store, out, resume, device or cfg.train.device, threads)
+        except KeyboardInterrupt as err:
+            typer.echo(stop_line(err, out, again, began, cfg.train.epochs), err=True)
+            raise SystemExit(interrupt_exit_code(err)) from None
+
+
+def _train(cfg: RunConfig, store: Path, out: Path, resume: bool, device: str, threads: int | None) -> None:
+    """Train (heavy imports here) and print the closing line."""
+    from train.engine.trainer import train_run
 
     if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads {threads}: must be >= 1")
         import torch
 
         torch.set_num_threads(threads)
-
-    out = out or Path("runs") / cfg.preset
-    result = train_run(cfg, store, out, resume=resume, device=device or cfg.train.device)
+    result = train_run(cfg, store, out, resume=resume, device=device)
     best = "no validation"
     if result.best_value is not None:
         best = f"best {result.key_metric} {result.best_value:.2f} at epoch {result.best_epoch}"
     typer.echo(f"{result.epochs} epochs done in {result.run_dir} ({best})")
+
+
+def warn_random_features(manifest: Manifest, store: Path) -> bool:
+    """Warn (one line) when the store at ``store`` holds features of random CLIP weights (manifest
+    ``pretrained`` ``random:<seed>``, a pipeline test): the metrics of a model trained on them mean
+    nothing. Returns whether it warned."""
+    if not manifest.pretrained.startswith("random"):
+        return False
+    log.warning(
+        "store %s holds features of RANDOM CLIP weights (%s, a pipeline test): the model trains, but its "
+        "metrics mean nothing; extract with --pretrained openai (the default) for real features",
+        store, manifest.pretrained,
+    )
+    return True
+
+
+def resume_command(
+    preset: str,
+    arch: str,
+    overrides: list[str],
+    store: Path,
+    out: Path,
+    device: str | None,
+    threads: int | None,
+) -> str:
+    """The ``r2 train`` command that continues the run in ``out``: these options and ``--resume``."""
+    args = ["r2", "train", "--preset", preset]
+    if arch != "ViT-B-32":
+        args += ["--arch", arch]
+    for item in overrides:
+        args += ["--set", item]
+    args += ["--store", str(store), "--out", str(out)]
+    if device is not None:
+        args += ["--device", device]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    return shlex.join([*args, "--resume"])
+
+
+def stop_line(err: KeyboardInterrupt, out: Path, again: str, began: str, epochs: int) -> str:
+    """The one line of a run stopped by Ctrl-C or SIGTERM: where (the ``interrupted`` record the loop wrote
+    in ``run.json``, :func:`train.engine.records.record_interrupt`, of ``epochs``) and the command that
+    resumes it.
+
+    A record older than ``began`` (this command's start, UTC ISO 8601) is an earlier stop's: this one
+    came before the loop began."""
+    stop = read_interrupt(RunPaths(out))
+    where = "before the first epoch"
+    if stop is not None and str(stop.get("at", "")) >= began:
+        done = stop["epochs_done"]
+        saved = f"epochs 1-{done} saved" if done else "no epoch done"
+        where = f"at epoch {stop['epoch']}/{epochs}, step {stop['step']} ({saved} in {out})"
+    return f"{interrupt_name(err)} {where}; resume with: {again}"
 
 
 def dry_run_text(cfg: RunConfig, store: Path | None, device: str) -> str:

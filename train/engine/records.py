@@ -7,8 +7,11 @@
   a new key-metric best writes ``best.pt`` and ``val_preds.jsonl``, every validation ``best.json``.
 - :func:`end_epoch`: append the epoch's record to ``metrics.jsonl``, write ``epoch_{N:03d}.pt``
   (``train.save_every_epoch``) and ``last.pt``.
-- :func:`run_provenance` / :func:`record_run_end`: what ``run.json`` says about the process that ran
-  (command line, package version, git revision, start, resume and end times, UTC).
+- :func:`run_provenance` / :func:`record_run_end` / :func:`record_interrupt`: what ``run.json`` says
+  about the process that ran (command line, package version, git revision, start, resume and end
+  times, UTC; where and why a stopped run stopped).
+- :func:`epoch_line` and :func:`log_event`: the one line an epoch gets on the console and in
+  ``train.log`` (losses, key metric, best so far, time, ETA).
 
 The training loop (:mod:`train.engine.loop`) records every model through these functions, so a trial
 of a sweep's shared pass leaves the files a separate run leaves.
@@ -17,20 +20,26 @@ of a sweep's shared pass leaves the files a separate run leaves.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import shlex
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from eval.predictions import write_predictions
+from shards.cliutil import duration_text
 from shards.errors import ConfigError
 from train.checkpoint import save_checkpoint
 from train.engine.evaluate import Validation
-from train.engine.runlog import RunPaths, append_metrics, write_json_atomic
+from train.engine.runlog import (
+    RunPaths,
+    append_log,
+    append_metrics,
+    read_json,
+    utc_now,
+    write_json_atomic,
+)
 from train.engine.step import TrainState, state_meta
 
 _STEP_INFO = ("lr", "skipped", "grad_norm")
@@ -279,11 +288,6 @@ def git_revision(root: Path | None = None) -> str | None:
     return None
 
 
-def utc_now() -> str:
-    """The current time, ISO 8601 in UTC to the second (``2025-01-31T12:00:00+00:00``)."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def run_provenance(paths: RunPaths) -> dict[str, Any]:
     """``run.json`` fields about the process: ``command`` (:func:`command_line`), ``version``
     (:func:`package_version`), ``git_revision``, ``started_at`` and ``resumed_at`` (UTC, ISO 8601).
@@ -296,7 +300,7 @@ def run_provenance(paths: RunPaths) -> dict[str, Any]:
         "command": command_line(), "version": package_version(), "git_revision": git_revision(),
         "started_at": now, "resumed_at": [],
     }
-    earlier = _read_json(paths.run)
+    earlier = read_json(paths.run)
     if earlier is not None:
         info["command"] = earlier.get("command", info["command"])
         info["started_at"] = earlier.get("started_at")
@@ -306,14 +310,52 @@ def run_provenance(paths: RunPaths) -> dict[str, Any]:
 
 def record_run_end(paths: RunPaths) -> None:
     """Add ``ended_at`` (UTC, ISO 8601) to ``run.json`` (rewritten atomically) when the run ends."""
-    info = _read_json(paths.run) or {}
+    info = read_json(paths.run) or {}
     write_json_atomic(paths.run, {**info, "ended_at": utc_now()})
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or ``None`` when it is absent or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def record_interrupt(paths: RunPaths, reason: str, epoch: int, step: int, saved: int) -> None:
+    """Add the ``interrupted`` record to ``run.json`` (rewritten atomically) when the run is stopped:
+    ``reason`` (``SIGTERM``, ``SIGINT``), ``at`` (UTC, ISO 8601), the 1-based ``epoch`` in progress, the
+    optimizer ``step`` reached and ``epochs_done``, the ``saved`` epochs ``last.pt`` holds (where
+    ``--resume`` continues). A resumed run's ``run.json`` no longer has it."""
+    info = read_json(paths.run) or {}
+    stop = {"reason": reason, "at": utc_now(), "epoch": epoch, "step": step, "epochs_done": saved}
+    write_json_atomic(paths.run, {**info, "interrupted": stop})
+
+
+def log_event(paths: RunPaths, text: str) -> None:
+    """Append ``text`` to ``train.log`` after the UTC time (``2025-01-31T12:00:00+00:00  text``)."""
+    append_log(paths.train_log, f"{utc_now()}  {text}")
+
+
+def epoch_line(record: dict[str, Any], best: Best, epochs: int, seconds: float, eta: float | None) -> str:
+    """The line of a finished epoch, e.g. ``epoch 3/30  loss 1.234 (cls 0.2 reg 0.5 sal 0.3 ...)
+    MR-full-R1@0.5 41.20 (best 42.00 @ 2)  62 s  ETA 28 min``.
+
+    Args:
+        record: its metrics-log record (``epoch``, ``train`` mean losses, ``val`` metrics if validated,
+            ``skipped_steps``).
+        best: the best validation so far (this epoch's included); its key metric is shown.
+        epochs: epochs of the run.
+        seconds: wall time of the epoch, validation and files included.
+        eta: seconds the run still needs, ``None`` after the last epoch.
+    """
+    losses = dict(record.get("train") or {})
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    if "loss" in losses:
+        total = losses.pop("loss")
+        terms = " ".join(f"{name.removeprefix('loss_')} {value:.3g}" for name, value in losses.items())
+        parts.append(f"loss {total:.4g}" + (f" ({terms})" if terms else ""))
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} steps skipped")
+    val = record.get("val") or {}
+    held = f"best {best.value:.2f} @ {best.epoch}" if best.value is not None else "no best yet"
+    if best.metric in val:
+        parts.append(f"{best.metric} {val[best.metric]:.2f} ({held})")
+    elif best.value is not None:
+        parts.append(f"{best.metric} {held}")
+    parts.append(duration_text(seconds))
+    if eta is not None:
+        parts.append(f"ETA {duration_text(eta)}")
+    return "  ".join(parts)

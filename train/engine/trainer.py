@@ -5,10 +5,10 @@ checks that one step's estimated memory fits the device (:mod:`train.engine.memo
 directory (:mod:`train.engine.runlog`) and runs the one training loop (:mod:`train.engine.loop`) with one
 model: optimizer steps (:mod:`train.engine.step`), validation every ``train.val_every`` epochs
 (:mod:`train.engine.evaluate`), the best checkpoint by the dataset's key metric and the run's files
-(:mod:`train.engine.records`). CLIP is never loaded. An interrupted run continues with
-``resume=True`` from its last completed epoch, bit-for-bit on CPU: weights, optimizer, scaler,
-counters and the python/numpy/torch generator states are restored, and the loader order and
-positive-clip draws are pure functions of (seed, epoch).
+(:mod:`train.engine.records`), ``train.log`` and the TensorBoard scalars. CLIP is never loaded. An
+interrupted run (a crash, Ctrl-C, SIGTERM) continues with ``resume=True`` from its last completed epoch,
+bit-for-bit on CPU: weights, optimizer, scaler, counters and the python/numpy/torch generator states are
+restored, and the loader order and positive-clip draws are pure functions of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def train_run(
             is empty); ``cfg`` may differ from the stored config only in :data:`RESUMABLE_CHANGES`.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (made the current CUDA device, so that no
             context opens on another GPU); fp16 AMP runs on CUDA when ``cfg.train.amp``.
-        progress: show tqdm bars on stderr and log the warning of a run that never leaves the warm-up
-            (:func:`train.engine.schedule.warn_short_warmup`); a sweep's trials turn both off (the sweep
+        progress: show tqdm bars on stderr, log the start and epoch lines (logging INFO; ``train.log``
+            gets them either way) and the warning of a run that never leaves the warm-up
+            (:func:`train.engine.schedule.warn_short_warmup`); a sweep's trials turn all off (the sweep
             warns once for all its trials).
 
     Raises:
@@ -160,6 +161,9 @@ def train_run(
         ConfigError: no trainable queries, a missing validation split, unknown device, a step whose
             estimated memory does not fit the GPU's free memory (checked before the model is built,
             :func:`train.engine.memory.check_step_memory`), or a key metric validation does not report.
+        KeyboardInterrupt: Ctrl-C, or SIGTERM inside :func:`shards.cliutil.sigterm_as_interrupt`: the run
+            stops with the files of its last finished epoch and ``run.json``'s ``interrupted`` record
+            (:mod:`train.engine.loop`); ``resume=True`` continues it.
     """
     cfg, data = open_run_data(cfg, store_path, str(use_device(device)))
     check_step_memory(cfg, open_store(store_path), data.device)

@@ -1,9 +1,21 @@
 """``r2 sweep``: a hyper-parameter sweep over a feature store (grid, random search or a spec file).
 
-Thin layer over :mod:`train.sweep`: parse options, print progress lines, the ranked table (mean ± std
+Thin layer over :mod:`train.sweep`: parse options, run the trials (a progress line per finished trial
+on stderr with the counts and an ETA, :mod:`train.sweep.progress`), print the ranked table (mean ± std
 over seeds per configuration with ``--seeds N``) and the best configuration's ``r2 train`` command.
-Exit status: 0 when every trial finished, 1 when some failed (their errors are in the table and in each
-trial's ``error.txt``), 130 when interrupted (finished trials are kept; re-run the same command to continue).
+The sweep folder defaults to ``runs/<preset>-sweep`` (:func:`train.sweep.runner.default_out`).
+
+Exit status:
+
+- 0: every trial finished;
+- 1: some trials failed (their errors are in the table and in each trial's ``error.txt``);
+- 2: a user error (one ``error: ...`` line, before any trial runs);
+- 130: interrupted by Ctrl-C (SIGINT);
+- 143: terminated by SIGTERM (what batch schedulers send on pre-emption), handled exactly like Ctrl-C.
+
+Interrupted or terminated, the running trials are stopped, ``results.csv`` / ``results.json`` /
+``sweep.png`` are written for the trials that finished, and one line says how many finished; running the
+same command again reuses them and runs the rest.
 """
 
 from __future__ import annotations
@@ -12,11 +24,11 @@ from pathlib import Path
 
 import typer
 
+from shards.cliutil import interrupt_exit_code, interrupt_name, sigterm_as_interrupt
 from shards.cluster import DEFAULT_WORKER_TIMEOUT, check_worker_timeout
-from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_summary, format_table
+from train.sweep.results import PLOT_FILE, RESULTS_CSV, RESULTS_JSON, best_summary, format_table, read_counts
 from train.sweep.runner import SHARED_PASS_MODES, SweepError, check_device, plan_sweep, run_sweep
 from train.sweep.spec import build_spec
-from train.sweep.trials import TrialRecord
 
 
 def sweep(
@@ -35,7 +47,7 @@ def sweep(
         None, "--spec", help="Sweep spec file (.json or .toml); options override it."
     ),
     fixed: list[str] = typer.Option([], "--set", help="KEY=VALUE fixed for every trial; repeatable."),
-    out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/PRESET)."),
+    out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: runs/PRESET-sweep)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the random draws (default 0)."),
     seeds: int | None = typer.Option(
         None, "--seeds", help="Train every configuration with N training seeds (the preset's seed, or "
@@ -77,26 +89,18 @@ def sweep(
     total = len(plan.requests)
     per_config = f" ({sweep_spec.n_seeds} seeds per configuration)" if sweep_spec.n_seeds else ""
     typer.echo(f"sweep of {plan.preset}: {total} trials{per_config} -> {plan.out_dir}")
-    seen = 0
-
-    def report(record: TrialRecord) -> None:
-        nonlocal seen
-        seen += 1
-        value = record.metrics.get(plan.key_metric)
-        shown = f"{plan.key_metric}={value:.4g}" if value is not None else record.error or ""
-        how = "reused" if record.reused else f"{record.seconds:.1f} s"
-        typer.echo(f"[{seen}/{total}] {record.status:6s} {record.name}  {shown}  ({how})")
-
     try:
-        result = run_sweep(
-            plan, workers=workers, scheduler=scheduler, shared_pass=shared_pass, threads=threads,
-            worker_timeout=worker_timeout, on_record=report,
-        )
-    except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: finished trials kept in {plan.out_dir}; run the same command to go on", err=True
-        )
-        raise typer.Exit(130) from None
+        with sigterm_as_interrupt():
+            result = run_sweep(
+                plan, workers=workers, scheduler=scheduler, shared_pass=shared_pass, threads=threads,
+                worker_timeout=worker_timeout,
+            )
+    except KeyboardInterrupt as err:
+        counts = read_counts(plan.out_dir)
+        failed = f", {counts['failed']} failed" if counts.get("failed") else ""
+        typer.echo(f"{interrupt_name(err)}: {counts.get('ok', 0)} of {total} trials finished{failed}, "
+                   f"results in {plan.out_dir}; re-run the same command to continue", err=True)
+        raise typer.Exit(interrupt_exit_code(err)) from None
     typer.echo("")
     typer.echo(format_table(result))
     summary = best_summary(result)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import shlex
 import statistics
@@ -473,6 +474,15 @@ def plot_sweep(result: SweepResult, path: Path) -> bool:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return True
+
+
+def read_counts(out_dir: Path) -> dict[str, int]:
+    """The trial counts per status (and ``reused``) that ``results.json`` in ``out_dir`` holds; empty when
+    there is none yet."""
+    path = out_dir / RESULTS_JSON
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text(encoding="utf-8"))["counts"])
 
 
 def write_results(result: SweepResult) -> None:

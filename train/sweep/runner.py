@@ -7,7 +7,8 @@ runs the tasks -- on a ``LocalCluster`` sized to the machine (worker processes w
 an existing scheduler (``scheduler='tcp://host:8786'``, :mod:`shards.cluster`: wait for a worker, check
 that the workers see the store and the sweep directory, stop the running trials on Ctrl-C), or in this
 process (``workers=0``) -- and writes ``results.csv`` / ``results.json`` / ``sweep.png`` into the sweep
-directory (also when interrupted).
+directory (also when interrupted). While it runs, :class:`~train.sweep.progress.SweepProgress` logs a line
+per finished trial (counts and ETA) and draws a bar on a terminal.
 
 A failing trial is recorded (``error.txt``, status ``failed``) and does not stop the others.
 """
@@ -37,6 +38,7 @@ from shards.cluster import (
 from shards.device import resolve_device, trial_gpus, usable_cores, use_device, visible_gpus, worker_device
 from shards.errors import R2Error
 from train.engine.runlog import write_json_atomic
+from train.sweep.progress import SweepProgress
 from train.sweep.results import SweepResult, write_results
 from train.sweep.spec import SweepSpec, expand
 from train.sweep.trials import (
@@ -97,7 +99,7 @@ def plan_sweep(
     key_metric: str | None = None,
     higher_is_better: bool = True,
 ) -> SweepPlan:
-    """Expand ``spec`` into trial requests under ``out_dir`` (default ``runs/sweeps/<preset>``).
+    """Expand ``spec`` into trial requests under ``out_dir`` (default :func:`default_out`).
 
     ``key_metric=None`` (the real trainer) fixes ``train.num_workers=0`` unless ``spec.fixed`` sets it,
     checks every trial's overrides and the store (a bad key fails here, before anything runs) and takes
@@ -115,7 +117,7 @@ def plan_sweep(
         from train.sweep.config import with_loader_default
 
         spec = replace(spec, fixed=with_loader_default(spec.fixed))
-    out_dir = (Path("runs", "sweeps", preset) if out_dir is None else Path(out_dir)).resolve()
+    out_dir = (default_out(preset) if out_dir is None else Path(out_dir)).resolve()
     requests = []
     arch = None
     for index, params in enumerate(expand(spec)):
@@ -130,6 +132,12 @@ def plan_sweep(
         trials = [r.override_list() for r in requests]
         key_metric, higher_is_better, arch = check_sweep(preset, store, trials)
     return SweepPlan(spec, preset, store, out_dir, requests, key_metric, higher_is_better, arch)
+
+
+def default_out(preset: str) -> Path:
+    """The sweep folder when none is given: ``runs/<preset>-sweep``, beside ``r2 train``'s ``runs/<preset>``
+    (and ``make sweep``'s ``runs/<DATASET>-sweep``, whose preset is the dataset's)."""
+    return Path("runs", f"{preset}-sweep")
 
 
 def default_workers(n_tasks: int, device: str = "cpu") -> int:
@@ -245,13 +253,15 @@ def _run_tasks(
     trial_fn: TrialFn | None,
     shared_pass: str,
     on_record: Callable[[TrialRecord], None],
+    progress: SweepProgress,
     *,
     workers: int | None,
     scheduler: str | None,
     threads: int | None,
     worker_timeout: float,
 ) -> None:
-    """Group ``pending`` into tasks for the available slots and run them where asked."""
+    """Group ``pending`` into tasks for the available slots and run them where asked (``progress`` learns
+    the tasks and the slots as they start)."""
     if scheduler:
         with connect(scheduler, worker_timeout) as client:
             check_visible(client, [pending[0].store, Path(pending[0].trial_dir).parent])
@@ -259,10 +269,13 @@ def _run_tasks(
             slots = max(1, worker_count(client))
             tasks = _make_tasks(pending, trial_fn, shared_pass, slots, _worker_budget(client))
             tasks = _with_threads(tasks, threads or 1)
+            progress.start(tasks, slots)
             _submit_all(client, tasks, trial_fn, on_record)
         return
     if workers == 0:
-        for task in _with_threads(_make_tasks(pending, trial_fn, shared_pass, 1), threads):
+        tasks = _with_threads(_make_tasks(pending, trial_fn, shared_pass, 1), threads)
+        progress.start(tasks, 1)
+        for task in tasks:
             for record in run_task(task, trial_fn):
                 on_record(record)
         return
@@ -274,31 +287,38 @@ def _run_tasks(
     tasks = _make_tasks(pending, trial_fn, shared_pass, slots)
     n_workers = min(slots, len(tasks))
     tasks = _with_threads(tasks, threads or max(1, usable_cores() // n_workers))
-    with _sigint_ignored_in_children(), dask.config.set({"distributed.worker.daemon": False}):
+    with _stop_signals_ignored_in_children(), dask.config.set({"distributed.worker.daemon": False}):
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
             memory_limit=int(psutil.virtual_memory().total // n_workers), silence_logs=logging.ERROR,
             scheduler_kwargs=_NO_DASHBOARD,
         )
     with cluster, Client(cluster) as client:
+        progress.start(tasks, n_workers)
         _submit_all(client, tasks, trial_fn, on_record)
 
 
-@contextmanager
-def _sigint_ignored_in_children() -> Iterator[None]:
-    """Ignore SIGINT while worker processes start, so that they inherit the ignored disposition.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and what batch schedulers send on pre-emption: both stop a sweep, in this process only."""
 
-    Ctrl-C then interrupts only this process, which closes the cluster (and its workers) in order,
-    instead of every worker printing its own KeyboardInterrupt traceback.
+
+@contextmanager
+def _stop_signals_ignored_in_children() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while worker processes start, so that they inherit the ignored disposition.
+
+    Ctrl-C (sent to the terminal's whole process group) and SIGTERM (which batch schedulers send to every
+    process of a job) then stop only this process, which closes the cluster (and its workers) in order,
+    instead of every worker dying with its own traceback. Either signal is lost while the workers start.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = [signal.signal(signum, signal.SIG_IGN) for signum in _STOP_SIGNALS]
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in zip(_STOP_SIGNALS, previous, strict=True):
+            signal.signal(signum, handler)
 
 
 def run_sweep(
@@ -311,6 +331,7 @@ def run_sweep(
     threads: int | None = None,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     on_record: Callable[[TrialRecord], None] | None = None,
+    progress: bool = True,
 ) -> SweepResult:
     """Run every unfinished trial of ``plan`` and write the results.
 
@@ -326,10 +347,13 @@ def run_sweep(
             an external cluster, torch's default in this process); each trial records its count.
         worker_timeout: seconds to wait for the first worker of an external cluster.
         on_record: called in this process with each record as it completes (also for reused trials).
+        progress: draw a bar of the trials on stderr when it is a terminal. A line per finished trial is
+            logged either way (:class:`~train.sweep.progress.SweepProgress`, level INFO).
 
     Returns:
-        The records of all trials of the plan in plan order. ``KeyboardInterrupt`` is re-raised after
-        the results of the finished trials were written.
+        The records of all trials of the plan in plan order. ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM
+        inside :func:`shards.cliutil.sigterm_as_interrupt`) is re-raised after the running trials were
+        stopped and the results of the finished ones written.
 
     Raises:
         SweepError: a bad option. ConfigError: a device that does not exist here (or on the workers of
@@ -352,18 +376,23 @@ def run_sweep(
     for request in pending:
         records[request.index] = TrialRecord(request.index, request.name, request.params, "pending")
 
+    tracker = SweepProgress(len(plan.requests), plan.key_metric, bar=None if progress else False)
+
     def accept(record: TrialRecord) -> None:
         records[record.index] = record
+        tracker.finish(record)
         if on_record is not None:
             on_record(record)
 
-    for record in finished:
-        if on_record is not None:
-            on_record(record)
     try:
-        if pending:
-            _run_tasks(pending, trial_fn, shared_pass, accept, workers=workers, scheduler=scheduler,
-                       threads=threads, worker_timeout=worker_timeout)
+        with tracker.shown():
+            tracker.add_reused(finished)
+            for record in finished:
+                if on_record is not None:
+                    on_record(record)
+            if pending:
+                _run_tasks(pending, trial_fn, shared_pass, accept, tracker, workers=workers,
+                           scheduler=scheduler, threads=threads, worker_timeout=worker_timeout)
     finally:
         for request in pending:     # interrupted: a worker may have finished a trial not reported yet
             if records[request.index].status == "pending":
