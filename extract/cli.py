@@ -1,7 +1,13 @@
 """``r2 extract``: videos + annotations -> CLIP token store (one typer command).
 
+The options and the annotation files are checked before torch and open_clip are imported, so a user
+error comes within a second. Output: one line naming the annotation files read, then the summary, the
+failed videos and the videos whose length disagrees with their annotated duration (a warning; they
+are listed in ``<store>/warnings.jsonl``).
+
 Exit status: 0 every video is in the store; 1 some videos were skipped (listed in
-``<store>/failures.jsonl``); 2 user error (bad option, annotation file, weights, store).
+``<store>/failures.jsonl``); 2 user error (bad option, annotation file, weights, store); 130 stopped
+by Ctrl-C, 143 by SIGTERM (the videos done are kept, and the store is finished: re-run to resume).
 """
 
 from __future__ import annotations
@@ -11,15 +17,19 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from extract.config import MAX_DECODE_WORKERS, SAMPLE_DATASET, ExtractConfig, sample_paths
-from shards.cliutil import user_errors
+from extract.config import MAX_DECODE_WORKERS, SAMPLE_DATASET, ExtractConfig, read_inputs, sample_paths
+from shards.cliutil import interrupt_exit_code, interrupt_name, sigterm_as_interrupt, user_errors
 from shards.cluster import DEFAULT_WORKER_TIMEOUT
 from shards.errors import ConfigError
+from shards.verify import MAX_CLIP_DIFF
 
 if TYPE_CHECKING:
     from extract.job import ExtractSummary
 
 SAMPLE_STORE = Path("cache/sample.zarr")
+SHOWN = 5
+"""Failed (and mismatched) videos named in the output; the files in the store list them all."""
+
 
 def _parse_fps(value: str | None) -> float | None:
     if value is None or value.strip().lower() == "auto":
@@ -52,9 +62,18 @@ def _report(summary: ExtractSummary) -> None:
     if summary.random_weights:
         typer.echo("note: the backbone has RANDOM weights; these features only test the pipeline")
     if summary.failures:
-        for vid, reason in list(summary.failures.items())[:5]:
+        for vid, reason in list(summary.failures.items())[:SHOWN]:
             typer.echo(f"  failed {vid}: {reason}")
         typer.echo(f"all {len(summary.failures)} failure(s) are listed in {summary.failures_file}")
+    if summary.mismatches:
+        typer.echo(
+            f"warning: {len(summary.mismatches)} video(s) shorter or longer than their annotated duration "
+            f"(by more than {MAX_CLIP_DIFF:g} clips; moments beyond a video's end are clamped to it): "
+            "check these video files and the 'duration' of their annotations"
+        )
+        for m in summary.mismatches[:SHOWN]:
+            typer.echo(f"  {m.vid}: annotated {m.duration:g} s, video {m.seconds:g} s")
+        typer.echo(f"all {len(summary.mismatches)} are listed in {summary.warnings_file}")
 
 
 def extract(
@@ -64,8 +83,11 @@ def extract(
     videos: Path = typer.Option(
         None, "--videos", help="folder of <vid><suffix>.<mp4|mkv|webm|avi|mov> files"
     ),
-    annotations: list[Path] = typer.Option(
-        None, "--annotations", help="annotation file; repeat for more splits"
+    annotations: list[str] = typer.Option(
+        None,
+        "--annotations",
+        help="annotation file, FILE:SPLIT (split train, val or test; else the file name tells it), or a "
+        "folder (one file per split, the dataset's usual names first); repeat for more",
     ),
     out: Path = typer.Option(None, "--out", help="store directory (resumed when it exists)"),
     arch: str = typer.Option(
@@ -91,7 +113,12 @@ def extract(
     limit: int = typer.Option(None, help="only the first N videos of the annotations"),
     seed: int = typer.Option(0, help="seed of random weights"),
     cache_dir: str = typer.Option(None, help="where OpenAI weights are cached / downloaded"),
-    progress: bool = typer.Option(True, help="progress bar on stderr"),
+    progress: bool = typer.Option(
+        True, help="progress on stderr: a bar on a terminal, else a line every --progress-interval s"
+    ),
+    progress_interval: float = typer.Option(
+        30.0, help="seconds between two progress lines when stderr is not a terminal (batch jobs)"
+    ),
     precision: str = typer.Option(
         "fp32", help="fp32 (the reference's numbers) | fp16 (autocast: faster on GPUs, tokens drift slightly)"
     ),
@@ -103,7 +130,7 @@ def extract(
             sample_videos, sample_files = sample_paths()
             dataset = dataset or SAMPLE_DATASET
             videos = videos or sample_videos
-            annotations = annotations or sample_files
+            annotations = annotations or [str(path) for path in sample_files]
             out = out or SAMPLE_STORE
             pretrained = pretrained or "random"
         missing = [
@@ -137,10 +164,33 @@ def extract(
             seed=seed,
             cache_dir=cache_dir,
             progress=progress,
+            progress_interval=progress_interval,
             precision=precision,
         )
-        from extract.job import run_extraction  # imports open_clip: only when extracting
+        try:
+            with sigterm_as_interrupt():
+                _extract(cfg)
+        except KeyboardInterrupt as err:
+            raise typer.Exit(interrupt_exit_code(err)) from None
 
-        summary = run_extraction(cfg)
+
+def _extract(cfg: ExtractConfig) -> None:
+    """Read the annotations (user errors before the heavy imports), extract, report; exits with the
+    run's status. A ``KeyboardInterrupt`` (Ctrl-C, SIGTERM) goes on after one line saying what was done."""
+    summary: ExtractSummary | None = None
+    try:
+        inputs = read_inputs(cfg)
+        typer.echo(inputs.selection.describe())
+        from extract.job import ExtractSummary, run_extraction  # imports torch and open_clip
+
+        summary = ExtractSummary(store=cfg.out)
+        summary = run_extraction(cfg, inputs=inputs, summary=summary)
+    except KeyboardInterrupt as err:
+        extracted = summary.extracted if summary is not None else 0
+        typer.echo(
+            f"{interrupt_name(err)}: {extracted} video(s) extracted into {cfg.out}; "
+            "re-run the same command to resume"
+        )
+        raise
     _report(summary)
     raise typer.Exit(summary.exit_code)

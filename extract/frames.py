@@ -15,6 +15,8 @@ Like the ffmpeg command line we
   compute it from the *displayed* (rotated) size, so portrait phone videos keep their aspect.
 
 Frames are streamed: only the current frame and the filter's small state are in memory.
+Importing this module does not import torch (only :func:`preprocess` needs it), so the cheap
+readers (:func:`video_duration`, :func:`probe`) serve before the model is loaded.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
 
 from shards.errors import VideoError
+
+if TYPE_CHECKING:
+    import torch
 
 TRUNCATION_TOLERANCE = 2.0
 """Seconds of declared video that may be missing at the end before a file counts as truncated."""
@@ -131,6 +136,8 @@ def preprocess(frames: np.ndarray | torch.Tensor, device: str | torch.device | N
     uint8 frames are moved to ``device`` first, so a GPU receives 4x fewer bytes; from pinned memory
     the copy is asynchronous (the caller keeps the frames unchanged until the device has read them).
     """
+    import torch  # here, not at the top: the readers of this module serve without torch
+
     if isinstance(frames, np.ndarray) and not frames.flags.writeable:
         frames = frames.copy()
     x = torch.as_tensor(frames)
@@ -182,14 +189,46 @@ def probe(path: str | Path) -> VideoInfo:
             raise VideoError(f"{path}: the video stream has no frames")
         rotation = _right_angle(first.rotation)
         width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / 1e6
-        else:
-            duration = None
         rate = float(stream.average_rate) if stream.average_rate else None
+        duration = _declared_duration(container, stream)
         return VideoInfo(width, height, rotation, duration, rate, stream.codec_context.name)
+
+
+def _declared_duration(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> float | None:
+    """Seconds the video stream declares (the container's duration when the stream has none), or ``None``."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return None
+
+
+def video_duration(path: str | Path) -> float:
+    """Length of ``path``'s first video stream in seconds, from the container's metadata (nothing is
+    decoded; when the metadata has no duration, the packets' timestamps are read instead).
+
+    Raises:
+        VideoError: missing, empty, unreadable or video-less file, or one whose packets carry no time.
+    """
+    path = Path(path)
+    container, stream = _open(path)
+    with container:
+        duration = _declared_duration(container, stream)
+        if duration is not None and duration > 0:
+            return duration
+        start, end = stream.start_time or 0, None
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None:
+                    stop = packet.pts + (packet.duration or 0) - start
+                    end = stop if end is None else max(end, stop)
+        except av.FFmpegError as err:
+            raise VideoError(f"{path}: cannot read the video's length ({_reason(err)})") from err
+        if end is None or end <= 0 or stream.time_base is None:
+            raise VideoError(f"{path}: the video's length is unknown (no duration, no timestamps)")
+        return float(end * stream.time_base)
 
 
 def _check_complete(

@@ -1,43 +1,58 @@
 """One extraction run: annotations + videos -> one feature store, resumable.
 
-Steps: parse the annotation files (all splits), find each video file, open or create the store
-(refused when its manifest — backbone, weights checksum, fps, layers — differs), extract every
-video not yet complete (in-process, or fanned out over dask workers), encode every query not yet
-stored, merge the annotations of the videos in the store, and list the skipped videos with their
-reasons in ``<store>/failures.jsonl``.
+Steps: parse the annotation files (all splits; :func:`extract.config.read_inputs`), find each video
+file, open or create the store (refused when its manifest — backbone, weights checksum, fps,
+layers — differs), extract every video not yet complete (in-process, or fanned out over dask
+workers), encode the queries of the videos in the store that have no tokens yet (or whose sentence
+changed), merge their annotations, list the skipped videos with their reasons in
+``<store>/failures.jsonl``, and the videos whose length disagrees with their annotated duration
+(:func:`shards.verify.duration_mismatches`, as ``r2 shards verify`` reports them) in
+``<store>/warnings.jsonl``.
+
+Progress goes to stderr: a bar on a terminal, else (batch jobs) an ``extract: 120/800 videos, ...``
+log line every ``progress_interval`` seconds.
 
 A killed run loses nothing that was marked done: each video is committed atomically by the
-store, so re-running the same command skips finished videos and redoes the rest.
+store, so re-running the same command skips finished videos and redoes the rest. A run stopped by
+Ctrl-C (or SIGTERM, made one by :func:`shards.cliutil.sigterm_as_interrupt`) in this process
+finishes first: the videos being written are committed, and the queries and annotations of the
+videos in the store are written, so the store verifies clean; then the ``KeyboardInterrupt`` goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from extract.backbone import PRECISIONS, BackboneInfo, ClipBackbone, load_backbone
-from extract.config import ExtractConfig
+from extract.config import ExtractConfig, ExtractInputs, check_options, find_video, read_inputs
 from extract.pipeline import VideoResult, VideoTask, extract_videos
-from shards.annotations import load_many
 from shards.atomic import atomic_path, writes_to
-from shards.backbones import get_backbone
+from shards.cliutil import duration_text
 from shards.cluster import absolute
-from shards.datasets import DatasetSpec, get_dataset, video_filename_stem
-from shards.errors import ConfigError, VideoError
+from shards.datasets import DatasetSpec, video_filename_stem
+from shards.errors import ConfigError
 from shards.schema import Query
 from shards.store import FeatureStore, create_store
+from shards.verify import DurationMismatch, duration_mismatches
+
+logger = logging.getLogger(__name__)
 
 FAILURES_FILE = "failures.jsonl"
 """Name, inside the store directory, of the list of videos the last run skipped."""
+WARNINGS_FILE = "warnings.jsonl"
+"""Name, inside the store directory, of the list of videos the last run found at odds with their
+annotations (``duration-mismatch``)."""
 QUERY_WRITE_ROWS = 1024
 """Queries collected before one :meth:`FeatureStore.write_queries` call (one store part)."""
 
@@ -99,16 +114,22 @@ class ExtractSummary:
         extracted: videos extracted by this run.
         already_done: videos skipped because the store had them complete.
         frames: frames (clips) extracted by this run.
-        queries_written: query token sets written by this run.
+        queries_written: queries added to the store by this run: annotated queries of videos in the
+            store that it did not list before (their tokens are written with them).
         annotations: annotation records now in the store (videos present in the store only).
         failures: video id -> reason, for every video this run could not extract.
         failures_file: ``<store>/failures.jsonl`` when there were failures, else ``None``.
+        mismatches: videos of the annotations, in the store, whose length ``T / fps`` differs from
+            their annotated duration by more than :data:`shards.verify.MAX_CLIP_DIFF` clips.
+        warnings_file: ``<store>/warnings.jsonl`` when there were mismatches, else ``None``.
         seconds: wall time of the run.
         random_weights: the backbone had random weights (pipeline test only).
+
+    A run stopped by Ctrl-C or SIGTERM leaves in the summary it was given what it did until then.
     """
 
     store: Path
-    videos: int
+    videos: int = 0
     extracted: int = 0
     already_done: int = 0
     frames: int = 0
@@ -116,6 +137,8 @@ class ExtractSummary:
     annotations: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     failures_file: Path | None = None
+    mismatches: list[DurationMismatch] = field(default_factory=list)
+    warnings_file: Path | None = None
     seconds: float = 0.0
     random_weights: bool = False
 
@@ -123,29 +146,6 @@ class ExtractSummary:
     def exit_code(self) -> int:
         """0 when every video is in the store, 1 when some were skipped (see ``failures``)."""
         return 1 if self.failures else 0
-
-
-def find_video(folder: Path, stem: str, extensions: Sequence[str]) -> Path | None:
-    """The first existing ``folder/<stem><ext>`` over ``extensions`` (lower, then upper case)."""
-    for ext in extensions:
-        for candidate in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def limit_queries(queries: list[Query], limit: int | None) -> list[Query]:
-    """Queries of the first ``limit`` videos (in annotation order); all when ``limit`` is ``None``."""
-    if limit is None:
-        return queries
-    keep: list[str] = []
-    for q in queries:
-        if q.vid not in keep:
-            if len(keep) == limit:
-                continue
-            keep.append(q.vid)
-    chosen = set(keep)
-    return [q for q in queries if q.vid in chosen]
 
 
 def plan_videos(
@@ -163,7 +163,7 @@ def plan_videos(
         stem = video_filename_stem(spec, q.vid)
         path = find_video(cfg.videos, stem, cfg.extensions)
         if path is None:
-            failures[q.vid] = f"missing file: no {stem}{{{','.join(cfg.extensions)}}} in {cfg.videos}"
+            failures[q.vid] = missing_video_reason(spec, q.vid, cfg.videos, cfg.extensions)
         elif fps is None or not fps > 0:
             failures[q.vid] = f"no sampling rate: the annotation gives no fps for video {q.vid!r}; pass --fps"
         else:
@@ -171,20 +171,23 @@ def plan_videos(
     return tasks, failures
 
 
-def _check_config(cfg: ExtractConfig) -> None:
-    get_backbone(cfg.arch)  # an unknown backbone fails before a worker starts or a video is read
-    if not cfg.videos.is_dir():
-        raise VideoError(f"videos folder {cfg.videos} does not exist (pass --videos DIR)")
-    for name in ("batch_size", "query_batch_size", "workers", "layers"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+def missing_video_reason(spec: DatasetSpec, vid: str, folder: Path, extensions: Sequence[str]) -> str:
+    """Why video ``vid`` was not found in ``folder``, with a hint when a file is there under the name the
+    dataset's suffix would not give (TACoS: ``<vid>.avi`` where ``<vid>-cam-002.avi`` is expected)."""
+    stem = video_filename_stem(spec, vid)
+    reason = f"missing file: no {stem}{{{','.join(extensions)}}} in {folder}"
+    found = find_video(folder, vid, extensions) if spec.video_suffix else None
+    if found is None:
+        return reason
+    return (
+        f"{reason}; found {found.name}: {spec.title} videos are named <vid>{spec.video_suffix}.<ext>; "
+        f"rename it to {stem}{found.suffix}"
+    )
+
+
+def _check_precision(cfg: ExtractConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.fps is not None and not cfg.fps > 0:
-        raise ConfigError(f"fps must be positive or 'auto', got {cfg.fps}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ConfigError(f"limit must be at least 1, got {cfg.limit}")
 
 
 def _make_runner(cfg: ExtractConfig, backbone: ClipBackbone | None) -> Runner:
@@ -197,8 +200,15 @@ def _make_runner(cfg: ExtractConfig, backbone: ClipBackbone | None) -> Runner:
     return LocalRunner(cfg, backbone)
 
 
-def write_query_tokens(runner: Runner, store: FeatureStore, queries: Sequence[Query], batch_size: int) -> int:
-    """Encode and store the tokens of every query not yet in ``store``; returns how many were written.
+def write_query_tokens(
+    runner: Runner,
+    store: FeatureStore,
+    queries: Sequence[Query],
+    batch_size: int,
+    redo: Collection[int | str] = (),
+) -> int:
+    """Encode and store the tokens of every query not yet in ``store``, and of those in ``redo`` (their
+    sentence changed); returns how many were written.
 
     Sentences are batched by length (less padding); the store gets one part per
     :data:`QUERY_WRITE_ROWS` queries, so a killed run keeps what was written.
@@ -206,7 +216,7 @@ def write_query_tokens(runner: Runner, store: FeatureStore, queries: Sequence[Qu
     have = set(store.query_ids())
     todo: dict[int | str, str] = {}
     for q in queries:
-        if q.qid not in have and q.qid not in todo:
+        if (q.qid not in have or q.qid in redo) and q.qid not in todo:
             todo[q.qid] = q.text
     items = sorted(todo.items(), key=lambda item: len(item[1]))
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
@@ -226,31 +236,85 @@ def write_query_tokens(runner: Runner, store: FeatureStore, queries: Sequence[Qu
     return written
 
 
-def _write_failures(store_dir: Path, failures: dict[str, str], paths: dict[str, Path]) -> Path | None:
-    """Replace ``<store>/failures.jsonl`` (atomically) with this run's failures; remove it when none.
+def _write_list(target: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """Replace the JSON Lines file ``target`` (atomically) with ``rows``; remove it when there are none.
 
-    The same failures as the file lists already are not written again (a read-only store resumes).
+    A file that already holds these rows is not written again (a read-only store resumes).
     """
-    target = store_dir / FAILURES_FILE
-    if not failures:
+    if not rows:
         if target.is_file():  # unlink fails on a read-only store even when there is nothing to remove
             target.unlink(missing_ok=True)
         return None
-    text = "".join(
-        json.dumps({"vid": vid, "path": str(paths[vid]) if vid in paths else None, "reason": reason}) + "\n"
-        for vid, reason in failures.items()
-    )
+    text = "".join(json.dumps(row) + "\n" for row in rows)
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
         with atomic_path(target) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return target
 
 
-def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> ExtractSummary:
+def _failure_rows(failures: dict[str, str], paths: dict[str, Path]) -> list[dict[str, Any]]:
+    """``failures.jsonl`` lines: ``{"vid", "path" (or null), "reason"}``."""
+    return [
+        {"vid": vid, "path": str(paths[vid]) if vid in paths else None, "reason": reason}
+        for vid, reason in failures.items()
+    ]
+
+
+def _warning_rows(mismatches: list[DurationMismatch], paths: dict[str, Path]) -> list[dict[str, Any]]:
+    """``warnings.jsonl`` lines: ``{"vid", "path", "kind": "duration-mismatch", "annotated_s", "video_s",
+    "clips", "fps", "detail"}`` (seconds rounded to 0.01 s)."""
+    return [
+        {
+            "vid": m.vid,
+            "path": str(paths[m.vid]) if m.vid in paths else None,
+            "kind": "duration-mismatch",
+            "annotated_s": round(m.duration, 2),
+            "video_s": round(m.seconds, 2),
+            "clips": m.clips,
+            "fps": m.fps,
+            "detail": m.detail,
+        }
+        for m in mismatches
+    ]
+
+
+class ProgressLines:
+    """The progress of an extraction as log lines, for batch jobs (stderr no terminal, so no bar):
+    ``extract: 120/800 videos, 5400 frames, 38.2 frames/s, ETA 12 min``, at most one every ``interval``
+    seconds (0: one per video)."""
+
+    def __init__(self, total: int, interval: float) -> None:
+        self.total, self.interval = total, interval
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int, frames: int, failed: int) -> None:
+        """Log a line if ``interval`` seconds passed since the last one (``done`` videos of ``total``)."""
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        eta = duration_text(elapsed / done * (self.total - done)) if done else "unknown"
+        failed_text = f", {failed} failed" if failed else ""
+        logger.info(
+            f"extract: {done}/{self.total} videos{failed_text}, {frames} frames, "
+            f"{frames / elapsed:.1f} frames/s, ETA {eta}"
+        )
+
+
+def run_extraction(
+    cfg: ExtractConfig,
+    backbone: ClipBackbone | None = None,
+    inputs: ExtractInputs | None = None,
+    summary: ExtractSummary | None = None,
+) -> ExtractSummary:
     """Run (or resume) the extraction described by ``cfg``; see the module docstring.
 
     ``backbone``: an already loaded backbone to use in this process instead of building one
     from ``cfg.arch`` / ``cfg.pretrained`` / ``cfg.layers`` / ``cfg.device`` (no fan-out then).
+    ``inputs``: the annotations already read by :func:`extract.config.read_inputs` (read here when
+    ``None``). ``summary``: filled in as the run goes, so that after a ``KeyboardInterrupt`` it tells
+    what was done (a new one when ``None``); it is returned.
 
     Raises:
         R2Error subclasses for user errors: unknown dataset or backbone, bad annotation file, missing
@@ -258,74 +322,105 @@ def run_extraction(cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> 
         raise; they are listed in the summary and in ``<store>/failures.jsonl``.
         OSError naming the store (``cfg.out``) when the disk is full or the store is read-only
         (:func:`shards.atomic.writes_to`); what was written stays consistent, and a re-run resumes.
+        KeyboardInterrupt (Ctrl-C, or SIGTERM under :func:`shards.cliutil.sigterm_as_interrupt`), once
+        the store is finished (module docstring).
     """
     cfg = absolute_paths(cfg)
+    summary = summary if summary is not None else ExtractSummary(store=cfg.out)
+    summary.store = cfg.out
     with writes_to(cfg.out):
-        return _extract(cfg, backbone)
+        return _extract(cfg, backbone, inputs, summary)
 
 
 def absolute_paths(cfg: ExtractConfig) -> ExtractConfig:
-    """``cfg`` with every path absolute (videos, annotations, store, a weights file, the weights cache):
+    """``cfg`` with the paths workers use absolute (videos, store, a weights file, the weights cache):
     dask workers may run in another folder or on another host, so relative paths are never sent."""
     weights_file = cfg.pretrained not in ("openai", "random") and not cfg.pretrained.startswith("random:")
     return replace(
         cfg,
         videos=absolute(cfg.videos),
-        annotations=[absolute(a) for a in cfg.annotations],
         out=absolute(cfg.out),
         pretrained=str(absolute(cfg.pretrained)) if weights_file else cfg.pretrained,
         cache_dir=None if cfg.cache_dir is None else str(absolute(cfg.cache_dir)),
     )
 
 
-def _extract(cfg: ExtractConfig, backbone: ClipBackbone | None) -> ExtractSummary:
+def _extract(
+    cfg: ExtractConfig, backbone: ClipBackbone | None, inputs: ExtractInputs | None, summary: ExtractSummary
+) -> ExtractSummary:
     """The body of :func:`run_extraction`."""
     started = time.monotonic()
-    spec = get_dataset(cfg.dataset)
-    _check_config(cfg)
-    queries = limit_queries(load_many(spec.name, cfg.annotations), cfg.limit)
-    tasks, failures = plan_videos(spec, queries, cfg)
-    summary = ExtractSummary(store=cfg.out, videos=len(tasks) + len(failures))
+    spec = check_options(cfg)
+    _check_precision(cfg)
+    queries = (inputs or read_inputs(cfg)).queries
+    tasks, summary.failures = plan_videos(spec, queries, cfg)
+    summary.videos = len(tasks) + len(summary.failures)
+    stopped: KeyboardInterrupt | None = None
     runner = _make_runner(cfg, backbone)
     try:
         info = runner.info
         summary.random_weights = info.pretrained.startswith("random:")
         store = create_store(cfg.out, info.manifest(spec.name, cfg.fps if cfg.fps is not None else spec.fps))
-        store.annotations()  # unreadable stored annotations stop the run now, not after the extraction
+        stored = {q.qid: q for q in store.annotations()}  # unreadable ones stop the run now, not at its end
         todo = [t for t in tasks if not store.has_video(t.vid)]
         summary.already_done = len(tasks) - len(todo)
-        bar = tqdm(
-            total=len(todo),
-            unit="video",
-            desc="extract",
-            file=sys.stderr,
-            disable=None if cfg.progress else True,
-            dynamic_ncols=True,
-        )
-        clock = time.monotonic()
-
-        def on_result(result: VideoResult) -> None:
-            if result.error is None:
-                summary.extracted += 1
-                summary.frames += result.frames
-            else:
-                failures[result.vid] = result.error
-            rate = summary.frames / max(time.monotonic() - clock, 1e-9)
-            bar.set_postfix_str(f"{rate:.1f} frames/s, {len(failures)} failed", refresh=False)
-            bar.update(1)
-
-        with bar:
-            runner.extract(store, todo, on_result)
-        summary.queries_written = write_query_tokens(runner, store, queries, cfg.query_batch_size)
+        try:
+            _extract_videos(runner, store, todo, cfg, summary)
+        except KeyboardInterrupt as err:
+            if not isinstance(runner, LocalRunner):  # dask workers would finish their running videos first
+                raise
+            stopped = err
+        present = set(store.video_ids())
+        ours = [q for q in queries if q.vid in present]
+        changed = {q.qid for q in ours if q.qid in stored and stored[q.qid].text != q.text}
+        write_query_tokens(runner, store, ours, cfg.query_batch_size, redo=changed)
     finally:
         runner.close()
-    present = set(store.video_ids())
-    ours = [q for q in queries if q.vid in present]
-    stored = {q.qid: q for q in store.annotations()}
     if any(stored.get(q.qid) != q for q in ours):  # no write when nothing changed: a read-only store resumes
         store.write_annotations(ours)
+    summary.queries_written = sum(1 for q in ours if q.qid not in stored)
     summary.annotations = sum(1 for q in store.annotations() if q.vid in present)
-    summary.failures = failures
-    summary.failures_file = _write_failures(cfg.out, failures, {t.vid: t.path for t in tasks})
+    if stopped is not None:
+        raise stopped
+    paths = {t.vid: t.path for t in tasks}
+    summary.failures_file = _write_list(cfg.out / FAILURES_FILE, _failure_rows(summary.failures, paths))
+    summary.mismatches = duration_mismatches(store, ours)
+    summary.warnings_file = _write_list(cfg.out / WARNINGS_FILE, _warning_rows(summary.mismatches, paths))
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _extract_videos(
+    runner: Runner, store: FeatureStore, todo: list[VideoTask], cfg: ExtractConfig, summary: ExtractSummary
+) -> None:
+    """Extract ``todo`` into ``store``, counting in ``summary``; show the progress (module docstring)."""
+    failures = summary.failures
+    bar = tqdm(
+        total=len(todo),
+        unit="video",
+        desc="extract",
+        file=sys.stderr,
+        disable=None if cfg.progress else True,
+        dynamic_ncols=True,
+    )
+    batch_job = cfg.progress and not sys.stderr.isatty()
+    lines = ProgressLines(len(todo), cfg.progress_interval) if batch_job else None
+    clock = time.monotonic()
+    failed = 0
+
+    def on_result(result: VideoResult) -> None:
+        nonlocal failed
+        if result.error is None:
+            summary.extracted += 1
+            summary.frames += result.frames
+        else:
+            failures[result.vid] = result.error
+            failed += 1
+        rate = summary.frames / max(time.monotonic() - clock, 1e-9)
+        bar.set_postfix_str(f"{rate:.1f} frames/s, {len(failures)} failed", refresh=False)
+        bar.update(1)
+        if lines is not None:
+            lines.update(summary.extracted + failed, summary.frames, failed)
+
+    with bar:
+        runner.extract(store, todo, on_result)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from shards.cliutil import user_errors
+from shards.verify import MAX_CLIP_DIFF
 
 app = typer.Typer(
     name="shards",
@@ -76,7 +77,7 @@ def verify(
     ] = False,
     max_clip_diff: Annotated[
         float, typer.Option(help="Tolerated |T - duration x fps| in clips before a video is reported.")
-    ] = 3.0,
+    ] = MAX_CLIP_DIFF,
     quiet: Quiet = False,
 ) -> None:
     """Check a store; lists every problem and exits 1 if there is any."""

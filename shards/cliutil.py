@@ -168,3 +168,4 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.setLevel(level)
         logger.handlers = [h for h in logger.handlers if not isinstance(h.formatter, _LineFormatter)]
         logger.addHandler(handler)
+        logger.propagate = False  # a library that sets up the root logger (open_clip) would repeat each line

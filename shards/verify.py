@@ -4,8 +4,9 @@ Finds: leftover staging data of interrupted writes, videos or query parts whose 
 or chunk files are wrong, checksum mismatches and non-finite tokens (both unless
 ``checksums=False``: they need every byte read), annotated queries whose video or query tokens are
 missing, videos whose decoded clip count ``T`` differs from ``duration × fps`` by more than
-``max_clip_diff`` clips, and an incomplete extraction or import (tokens without annotations, or
-annotations without any query tokens or videos).
+``max_clip_diff`` clips (:func:`duration_mismatches`, which ``r2 extract`` reports too), and an
+incomplete extraction or import (tokens without annotations, or annotations without any query tokens
+or videos).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.errors import StoreError
+from shards.schema import Query
 from shards.store import QUERIES, VIDEOS, FeatureStore, RawArray, open_store
+
+MAX_CLIP_DIFF = 3.0
+"""Clips by which a video's length ``T`` may differ from its annotated ``duration × fps`` unreported."""
 
 
 @dataclass(frozen=True)
@@ -181,35 +186,77 @@ def _verify_annotations(
     report.annotations = len(queries)
     videos = set(store.video_ids())
     with_tokens = set(with_tokens)
-    durations: dict[str, float] = {}
+    present: list[Query] = []
     for q in queries:
         if q.vid not in videos:
             report.problems.append(
                 Problem("missing-video", str(q.qid), f"video {q.vid!r} is not in the store")
             )
         else:
-            durations[q.vid] = max(durations.get(q.vid, 0.0), float(q.duration))
+            present.append(q)
         if q.qid not in with_tokens:
             report.problems.append(Problem("missing-query-tokens", str(q.qid), "no query tokens stored"))
+    for mismatch in duration_mismatches(store, present, max_clip_diff):
+        report.problems.append(Problem("duration-mismatch", mismatch.vid, mismatch.detail))
+
+
+@dataclass(frozen=True)
+class DurationMismatch:
+    """A video whose length in the store disagrees with its annotated duration.
+
+    Attributes:
+        vid: video id.
+        clips: T, clips stored.
+        fps: clips per second the video was sampled at.
+        duration: annotated duration in seconds (the longest of the video's records).
+        max_clip_diff: the tolerance (clips) it exceeds.
+    """
+
+    vid: str
+    clips: int
+    fps: float
+    duration: float
+    max_clip_diff: float
+
+    @property
+    def seconds(self) -> float:
+        """The video's length as sampled, ``T / fps`` seconds."""
+        return self.clips / self.fps
+
+    @property
+    def detail(self) -> str:
+        """One line: T, the annotated duration and what follows from the difference."""
+        expected = self.duration * self.fps
+        return (
+            f"T={self.clips} clips but duration {self.duration:g} s x {self.fps:g} fps = {expected:g} clips "
+            f"(differs by more than {self.max_clip_diff:g}; moments get clamped to T / fps)"
+        )
+
+
+def duration_mismatches(
+    store: FeatureStore, queries: Iterable[Query], max_clip_diff: float = MAX_CLIP_DIFF
+) -> list[DurationMismatch]:
+    """The videos of ``queries`` in ``store`` whose clip count ``T`` differs from ``duration × fps`` by more
+    than ``max_clip_diff`` clips, sorted by video id (videos absent or unreadable are left out).
+
+    A video's duration is the longest of its records (seconds); ``fps`` is the video's stored rate.
+    """
+    durations: dict[str, float] = {}
+    for q in queries:
+        durations[q.vid] = max(durations.get(q.vid, 0.0), float(q.duration))
+    found = []
     for vid, duration in sorted(durations.items()):
         try:
             clips, fps = store.video_length(vid), store.video_fps(vid)
         except (StoreError, KeyError, ValueError):
             continue
-        expected = duration * fps
-        if abs(clips - expected) > max_clip_diff:
-            report.problems.append(
-                Problem(
-                    "duration-mismatch",
-                    vid,
-                    f"T={clips} clips but duration {duration:g} s x {fps:g} fps = {expected:g} clips "
-                    f"(differs by more than {max_clip_diff:g}; moments get clamped to T / fps)",
-                )
-            )
+        if abs(clips - duration * fps) > max_clip_diff:
+            found.append(DurationMismatch(vid, clips, fps, duration, max_clip_diff))
+    return found
 
 
 def verify_store(
-    path: str | Path, *, checksums: bool = True, max_clip_diff: float = 3.0, progress: bool = False
+    path: str | Path, *, checksums: bool = True, max_clip_diff: float = MAX_CLIP_DIFF, progress: bool = False
 ) -> VerifyReport:
     """Check the store at ``path`` and return every problem found (never raises for damaged data).
 

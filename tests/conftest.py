@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
+from shards.cliutil import TOOLKIT_LOGGERS
 from shards.manifest import Manifest
 from tests.helpers.fixtures import make_tiny_manifest
 
@@ -21,6 +23,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def toolkit_logging() -> Iterable[None]:
+    """Put the toolkit's loggers back as they were after each test: a test that runs ``r2.cli.main``
+    configures them as the command does (own handler, no propagation), which would hide later tests'
+    records from ``caplog``."""
+    loggers = [logging.getLogger(name) for name in TOOLKIT_LOGGERS]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    yield
+    for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+        lg.handlers, lg.propagate, lg.level = handlers, propagate, level
 
 
 @pytest.fixture

@@ -104,18 +104,20 @@ def test_bad_videos_are_skipped_and_listed_then_resumed(backbone, tmp_path, writ
     store = open_store(cfg.out)
     assert store.video_ids() == ["good"]
     assert [q.vid for q in store.annotations()] == ["good"]  # only videos that are in the store
-    assert sorted(store.query_ids()) == [0, 1, 2, 3, 4]
+    assert store.query_ids() == [0]  # query tokens come with their video
+    assert summary.queries_written == 1
     assert verify_store(cfg.out).ok
 
     # fix one file and run again: finished work is kept, the fixed video is added
     (folder / "notes.mp4").unlink()
     make_video(folder / "notes.mp4", frames=30, rate=10)
     again = run_extraction(cfg, backbone)
-    assert (again.already_done, again.extracted, again.frames, again.queries_written) == (1, 1, 3, 0)
+    assert (again.already_done, again.extracted, again.frames, again.queries_written) == (1, 1, 3, 1)
     assert set(again.failures) == {"cut", "speech", "absent"}
     store = open_store(cfg.out)
     assert store.video_ids() == ["good", "notes"]
     assert sorted({q.vid for q in store.annotations()}) == ["good", "notes"]
+    assert sorted(store.query_ids()) == [0, 1]
     assert verify_store(cfg.out).ok
 
 

@@ -125,7 +125,7 @@ def test_batches_in_flight_give_the_synchronous_store(backbone, tmp_path, monkey
 def test_cli_workers_auto_or_a_number(tmp_path, monkeypatch) -> None:
     seen: list[ExtractConfig] = []
 
-    def fake_run(cfg: ExtractConfig) -> ExtractSummary:
+    def fake_run(cfg: ExtractConfig, **given: object) -> ExtractSummary:
         seen.append(cfg)
         return ExtractSummary(store=cfg.out, videos=0)
 
