@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from shards.errors import StoreError
+from shards.errors import StoreError, option
 from shards.manifest import FORMAT_VERSION, Manifest, check_expected, make_manifest, package_version
 from shards.paths import unsafe_id_reason
 from shards.rawarray import DTYPE, RawArray, crc32_hex, fsync_path, write_raw_array
@@ -421,10 +421,8 @@ def read_metadata(meta_file: Path, store: Path) -> dict[str, Any]:
 def _read_root(path: Path) -> dict[str, Any]:
     """Root attributes of the store at ``path``; :class:`StoreError` if it is not a store."""
     if not path.exists():
-        raise StoreError(
-            f"no feature store at {path}: the path does not exist "
-            "(create one with `r2 extract` or `r2 shards import-npy`)"
-        )
+        way = option("`r2 extract` or `r2 shards import-npy`", "`make extract`, or give STORE=PATH")
+        raise StoreError(f"no feature store at {path}: the path does not exist (create one with {way})")
     meta_file = path / "zarr.json"
     if not meta_file.is_file():
         raise StoreError(f"{path} is not a feature store: it has no zarr.json (not a Zarr v3 group)")

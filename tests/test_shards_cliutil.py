@@ -41,3 +41,20 @@ def test_around_plain_code_it_exits_with_status_2(capsys) -> None:
         raise StoreError("no such store")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: no such store\n"
+
+
+@pytest.mark.parametrize(
+    ("via_make", "words"), [(False, ["--resume", "--out DIR"]), (True, ["RESUME=1", "RUN=DIR"])]
+)
+def test_a_way_out_is_named_in_the_terms_the_user_typed(tmp_path, monkeypatch, via_make, words) -> None:
+    from train.engine.runlog import RunDirError, prepare_run_dir
+
+    if via_make:
+        monkeypatch.setenv("R2_VIA_MAKE", "1")
+    else:
+        monkeypatch.delenv("R2_VIA_MAKE", raising=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    with pytest.raises(RunDirError) as err:
+        prepare_run_dir(tmp_path / "run", resume=False)
+    assert all(word in str(err.value) for word in words), str(err.value)

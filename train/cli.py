@@ -23,7 +23,7 @@ import typer
 
 from shards.cliutil import interrupt_exit_code, interrupt_name, sigterm_as_interrupt
 from shards.datasets import get_dataset
-from shards.errors import ConfigError
+from shards.errors import ConfigError, option
 from shards.manifest import Manifest
 from train.config import ALIASES, RunConfig, apply_overrides, get_preset, preset_names
 from train.engine.runlog import RunPaths, read_interrupt, utc_now
@@ -135,7 +135,7 @@ def resume_command(
         args += ["--device", device]
     if threads is not None:
         args += ["--threads", str(threads)]
-    return shlex.join([*args, "--resume"])
+    return option(shlex.join([*args, "--resume"]), "make train RESUME=1 (with the same variables)")
 
 
 def stop_line(err: KeyboardInterrupt, out: Path, again: str, began: str, epochs: int) -> str:

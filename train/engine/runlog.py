@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.atomic import atomic_path, writes_to
-from shards.errors import R2Error
+from shards.errors import R2Error, option
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,15 @@ def prepare_run_dir(out_dir: str | Path, resume: bool) -> tuple[RunPaths, bool]:
     busy = root.is_dir() and any(root.iterdir())
     if busy and not resume:
         raise RunDirError(
-            f"run directory {root} is not empty (an earlier run?); pass --resume to continue it "
-            "or choose another --out"
+            f"run directory {root} is not empty (an earlier run?); pass {option('--resume', 'RESUME=1')} to "
+            f"continue it or choose another {option('--out DIR', 'RUN=DIR')}"
         )
     if resume and busy and not paths.last.is_file():
         files = sorted(root.iterdir())
         if not all(_is_run_file(f) for f in files):
             raise RunDirError(
                 f"cannot resume: {root} holds no last.pt (no completed epoch) and files of no run; "
-                "use another --out"
+                f"use another {option('--out DIR', 'RUN=DIR')}"
             )
         for file in files:
             if file.is_dir():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.device import use_device
-from shards.errors import CheckpointError, ConfigError
+from shards.errors import CheckpointError, ConfigError, option
 from shards.store import open_store
 from train.checkpoint import Checkpoint, load_weights, read_checkpoint
 from train.compat import open_store_for, with_token_dims
@@ -81,7 +81,8 @@ def _check_resume_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
     if stored_preset != cfg.preset:
         raise CheckpointError(
             f"{ckpt.path} is a checkpoint of preset {stored_preset!r}, not {cfg.preset!r}; "
-            f"resume with --preset {stored_preset} or choose another --out"
+            f"resume with {option('--preset', 'PRESET=')}{stored_preset} or choose another "
+            f"{option('--out DIR', 'RUN=DIR')}"
         )
     try:
         stored = with_token_dims(RunConfig.from_dict(ckpt.config), cfg.model.token_dims()).to_dict()
@@ -95,7 +96,8 @@ def _check_resume_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
     if diffs:
         raise CheckpointError(
             f"cannot resume {ckpt.path} with another config ({'; '.join(diffs)}); "
-            f"only {', '.join(RESUMABLE_CHANGES)} may change; use another --out for a new run"
+            f"only {', '.join(RESUMABLE_CHANGES)} may change; use another {option('--out DIR', 'RUN=DIR')} "
+            "for a new run"
         )
 
 
@@ -118,7 +120,8 @@ def _resume(paths: RunPaths, cfg: RunConfig, store_path: str | Path, member: Mem
     meta = ckpt.meta
     if "train_state" not in meta or "rng" not in meta or "store" not in meta:
         raise CheckpointError(
-            f"{paths.last} lacks the training state; it cannot be resumed (use another --out)"
+            f"{paths.last} lacks the training state; it cannot be resumed (use another "
+            f"{option('--out DIR', 'RUN=DIR')})"
         )
     open_store_for(meta["store"], store_path, f"checkpoint {paths.last}")
     load_weights(member.state.model, ckpt.state_dict, f"checkpoint {paths.last}", cfg)

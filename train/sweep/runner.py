@@ -36,7 +36,7 @@ from shards.cluster import (
     worker_count,
 )
 from shards.device import resolve_device, trial_gpus, usable_cores, use_device, visible_gpus, worker_device
-from shards.errors import R2Error
+from shards.errors import R2Error, option
 from train.engine.runlog import write_json_atomic
 from train.sweep.progress import SweepProgress
 from train.sweep.results import SweepResult, write_results
@@ -111,7 +111,10 @@ def plan_sweep(
     if not store:
         raise SweepError("no feature store: give --store PATH (or 'store' in the spec file)")
     if not Path(store).exists():
-        raise SweepError(f"feature store {store}: not found; extract one (r2 extract) or fix --store")
+        raise SweepError(
+            f"feature store {store}: not found; extract one ({option('r2 extract', 'make extract')}) or fix "
+            f"{option('--store', 'STORE=')}"
+        )
     store = str(absolute(store))
     if key_metric is None:
         from train.sweep.config import with_loader_default
