@@ -6,14 +6,16 @@ existing one: which fields must agree, and the one-line message naming both valu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shards.backbones import GLOBAL_TOKENS, REFERENCE_PREPROCESS
 from shards.errors import StoreError
 
 FORMAT_VERSION = 1
@@ -33,15 +35,18 @@ IDENTITY_FIELDS = (
     "text_width",
     "dataset",
     "precision",
+    "global_token",
+    "preprocess",
 )
 """Manifest fields that decide whether two stores hold the same tokens (not the creation time or
 the package version). A checkpoint records them (:meth:`Manifest.identity`) and requires them of the
 store it is resumed on (``train.compat.open_store_for``)."""
 
-DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+DEFAULTS: dict[str, Any] = {"precision": "fp32", "global_token": "cls", "preprocess": REFERENCE_PREPROCESS}
 """Values of manifest fields that stores of earlier versions lack: they open as if they had them.
 (Stores extracted on CUDA before ``precision`` existed ran the towers under fp16 autocast; those
-made on CPU ran them in fp32.)"""
+made on CPU ran them in fp32. Stores made before ``global_token`` and ``preprocess`` existed hold
+OpenAI CLIP tokens: the class token first, frames made the reference's way.)"""
 
 
 @dataclass
@@ -65,6 +70,11 @@ class Manifest:
         created: creation time, ISO 8601.
         precision: what the CLIP towers computed in: ``fp32`` (the reference) or ``fp16``
             (autocast); the tokens are stored as ``dtype`` either way.
+        global_token: token 0 of a frame: ``cls`` (the tower's class token) or ``mean`` (the mean of
+            the layer's patch tokens, for towers without a class token such as SigLIP's).
+        preprocess: how frames were made for the image tower (``resize_mode``, ``interpolation``,
+            ``mean``, ``std``, ``fill_color``; :meth:`shards.backbones.Preprocess.record`), at
+            ``frame_size``.
     """
 
     format_version: int
@@ -82,6 +92,8 @@ class Manifest:
     package_version: str
     created: str
     precision: str = DEFAULTS["precision"]
+    global_token: str = DEFAULTS["global_token"]
+    preprocess: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULTS["preprocess"]))
 
     def to_attrs(self) -> dict[str, Any]:
         """The manifest as a JSON-able dict (the root attributes)."""
@@ -98,7 +110,7 @@ class Manifest:
         missing = [n for n in names if n not in attrs and n not in DEFAULTS]
         if missing:
             raise StoreError(f"store {where}: manifest lacks {', '.join(missing)}; the store is damaged")
-        values: dict[str, Any] = {n: attrs[n] if n in attrs else DEFAULTS[n] for n in names}
+        values: dict[str, Any] = {n: attrs[n] if n in attrs else copy.deepcopy(DEFAULTS[n]) for n in names}
         return cls(**values)
 
     @property
@@ -138,13 +150,22 @@ def make_manifest(
     video_width: int,
     text_width: int,
     precision: str = DEFAULTS["precision"],
+    global_token: str = DEFAULTS["global_token"],
+    preprocess: dict[str, Any] | None = None,
 ) -> Manifest:
     """A :class:`Manifest` with format version, dtype, package version and creation time filled in.
 
     ``fps`` is in clips per second (``None`` = per video); ``layers``, ``video_tokens``,
     ``video_width`` and ``text_width`` are k, P, C and Cq; ``precision`` is what the towers
-    computed in (``fp32`` / ``fp16``).
+    computed in (``fp32`` / ``fp16``); ``global_token`` is ``cls`` or ``mean``; ``preprocess`` the
+    frames' preprocessing (``None``: the reference's, OpenAI CLIP's).
+
+    Raises:
+        ValueError: ``global_token`` is not one of :data:`~shards.backbones.GLOBAL_TOKENS` (a
+            programming error).
     """
+    if global_token not in GLOBAL_TOKENS:
+        raise ValueError(f"global_token must be one of {GLOBAL_TOKENS}, got {global_token!r}")
     return Manifest(
         format_version=FORMAT_VERSION,
         backbone=backbone,
@@ -161,6 +182,8 @@ def make_manifest(
         package_version=package_version(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         precision=precision,
+        global_token=global_token,
+        preprocess=copy.deepcopy(DEFAULTS["preprocess"] if preprocess is None else preprocess),
     )
 
 

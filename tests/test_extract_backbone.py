@@ -171,12 +171,18 @@ def test_openai_weights_offline_give_a_clear_error(tmp_path, monkeypatch) -> Non
 def test_bad_arguments_are_user_errors() -> None:
     with pytest.raises(ConfigError, match="unknown backbone 'ViT-B-23'"):
         load_backbone("ViT-B-23", "random")
-    with pytest.raises(ConfigError, match="'RN50' is not supported yet"):
+    with pytest.raises(ConfigError, match="'RN50' is not supported: its image tower is a ResNet"):
         load_backbone("RN50", "random")
+    with pytest.raises(ConfigError, match="'convnext_base' is not supported: its image tower is timm's"):
+        load_backbone("convnext_base", "random")
     with pytest.raises(ConfigError, match="unknown device 'tpu0'"):
         load_backbone("ViT-B-32", "random", device="tpu0")
     with pytest.raises(WeightsError, match="OpenAI released no weights for ViT-S-32"):
         load_backbone("ViT-S-32", "openai")
+    with pytest.raises(
+        WeightsError, match=r"no weights tagged 'webli' for ViT-B-32-quickgelu \(its tags: openai"
+    ):
+        load_backbone("ViT-B-32", "webli")
     with pytest.raises(WeightsError, match="out of range"):
         load_backbone("ViT-B-32", "random", layers=13)
     with pytest.raises(WeightsError, match="not found"):
@@ -233,10 +239,13 @@ def test_extract_stores_fp32_tower_tokens_by_default_and_records_the_precision(t
 
 def test_stores_of_earlier_versions_open_as_fp32_stores(tmp_path, backbone) -> None:
     manifest = backbone.info().manifest("charades", 1.0)
+    assert (manifest.global_token, manifest.preprocess) == ("cls", backbone.preprocess.record())
     create_store(tmp_path / "old.zarr", manifest)
     root = tmp_path / "old.zarr" / "zarr.json"
     meta = json.loads(root.read_text())
-    del meta["attributes"]["precision"]  # what stores made before precision was recorded hold
+    for field in ("precision", "global_token", "preprocess"):  # what stores made before them lack
+        del meta["attributes"][field]
     root.write_text(json.dumps(meta))
-    assert open_store(tmp_path / "old.zarr", expect=manifest.identity()).manifest.precision == "fp32"
+    old = open_store(tmp_path / "old.zarr", expect=manifest.identity()).manifest
+    assert (old.precision, old.global_token, old.preprocess) == ("fp32", "cls", manifest.preprocess)
     assert create_store(tmp_path / "old.zarr", manifest).manifest.precision == "fp32"  # resumable
