@@ -301,11 +301,13 @@ class TrainLoop:
         """The settings of ``member``'s run in one line (start of ``train.log`` and of the console)."""
         cfg, data = member.state.cfg, self.data
         val = f"validation on {data.val_split}" if data.val_loader is not None else "no validation"
+        steps, epochs = data.steps_per_epoch(cfg), cfg.train.epochs
         return (
             f"preset {cfg.preset} (dataset {cfg.dataset}{'/' + cfg.domain if cfg.domain else ''}), "
             f"store {data.store_path} ({data.manifest.pretrained} weights), "
             f"{data.loader.num_queries} {data.train_split} queries, "
-            f"{cfg.train.epochs} epochs x {data.steps_per_epoch(cfg)} steps, batch {cfg.train.batch_size}, "
+            f"{epochs} epoch{'s' * (epochs != 1)} x {steps} step{'s' * (steps != 1)}, "
+            f"batch {cfg.train.batch_size}, "
             f"lr {cfg.optim.lr:g}, seed {cfg.train.seed}, {val}, device {data.device}"
         )
 
