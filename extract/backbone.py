@@ -20,7 +20,9 @@ One mechanism takes the tokens of every family: forward hooks on the last k bloc
 block list (:func:`tower_blocks`: open_clip's ``transformer.resblocks``, timm's ``trunk.blocks``, a
 Hugging Face encoder's layers) while the tower runs its own forward. Token 0 of a frame is the class
 token where the tower has one, else the mean of that layer's patch tokens
-(:data:`~shards.backbones.GLOBAL_TOKENS`); register tokens are dropped. A text keeps the positions
+(:data:`~shards.backbones.GLOBAL_TOKENS`); register tokens are dropped. With ``token_pool=N`` the
+patch grid is average-pooled in N x N blocks after token 0 is taken (:func:`pool_patches`; SigLIP
+B/16's 14 x 14 grid pooled 2 x 2: 49 + 1 tokens, as many as B/32's). A text keeps the positions
 up to its last non-padding token (L = that position + 1, at least 1): OpenAI BPE gives SOT ... EOT,
 a sentencepiece or WordPiece tokenizer its word pieces and the end token it adds (when that is not
 its padding id). Causal text towers run on the batch's first ``max L`` positions (exact under the
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -51,7 +54,7 @@ import torch
 from shards.backbones import HF_HUB, Backbone, Preprocess, get_backbone, open_clip_config
 from shards.device import resolve_device
 from shards.errors import ConfigError, R2Error
-from shards.manifest import Manifest, make_manifest
+from shards.manifest import Manifest, make_manifest, pooled_tokens
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +259,17 @@ def prefix_tokens(visual: torch.nn.Module) -> tuple[int, bool]:
     raise ConfigError(f"{type(visual).__name__}: cannot tell where its patch tokens start")
 
 
+def pool_patches(patches: torch.Tensor, pool: int) -> torch.Tensor:
+    """``(..., (g / pool)², C)``: the means of the ``pool`` x ``pool`` blocks of a g x g patch grid
+    ``(..., g², C)`` (row by row), in the grid's order; ``pool`` must divide g
+    (:func:`shards.manifest.pooled_tokens` checks that)."""
+    if pool == 1:
+        return patches
+    side = math.isqrt(patches.shape[-2])
+    blocks = patches.unflatten(-2, (side // pool, pool, side // pool, pool))
+    return blocks.mean(dim=(-4, -2)).flatten(-3, -2)
+
+
 def _text_tower(model: torch.nn.Module) -> torch.nn.Module:
     """The module that holds the text transformer: ``model.text``, or the CLIP model itself."""
     tower: torch.nn.Module = getattr(model, "text", model)
@@ -379,12 +393,14 @@ class BackboneInfo:
         weights_sha256: fingerprint of the weights (:func:`weights_sha256`).
         layers: k, the number of last blocks kept.
         frame_size: input side in pixels (224, 336 for L/14-336).
-        video_tokens: P, tokens per frame including the global token 0 (50 for B/32).
+        video_tokens: P, tokens per frame including the global token 0 (50 for B/32), after
+            ``token_pool``.
         video_width: C, visual width (768 for B/32).
         text_width: Cq, text width (512 for B/32).
         precision: what the towers compute in, one of :data:`PRECISIONS`.
         global_token: token 0 of a frame, one of :data:`~shards.backbones.GLOBAL_TOKENS`.
         preprocess: how frames must be made for the image tower (the model's own config).
+        token_pool: N, the side of the blocks of the patch grid averaged into one token (1: none).
     """
 
     name: str
@@ -398,10 +414,15 @@ class BackboneInfo:
     precision: str
     global_token: str
     preprocess: Preprocess
+    token_pool: int
 
-    def manifest(self, dataset: str, fps: float | None) -> Manifest:
+    def manifest(self, dataset: str, fps: float | None, dtype: str = "float16") -> Manifest:
         """The manifest of a ``dataset`` store of this backbone's tokens at ``fps`` clips per second
-        (``None`` = per video)."""
+        (``None`` = per video), stored as ``dtype`` (``float16``, or ``int8``: :mod:`shards.quant`).
+
+        Raises:
+            ConfigError: ``dtype`` is neither.
+        """
         return make_manifest(
             dataset=dataset,
             backbone=self.name,
@@ -416,6 +437,8 @@ class BackboneInfo:
             precision=self.precision,
             global_token=self.global_token,
             preprocess=self.preprocess.record(),
+            dtype=dtype,
+            token_pool=self.token_pool,
         )
 
 
@@ -448,7 +471,8 @@ class ClipBackbone(BackboneInfo):
 
         Entry ``j`` is the output of block ``n - k + j`` (oldest first), before the final norm; token
         0 is the class token, or the mean of the block's patch tokens (:attr:`global_token`), then
-        the patch grid row by row. float32, or float16 with ``precision="fp16"``; on the model's device.
+        the patch grid row by row, its :attr:`token_pool` x :attr:`token_pool` blocks averaged
+        (:func:`pool_patches`). float32, or float16 with ``precision="fp16"``; on the model's device.
         """
         visual = self.model.visual
         prefix, has_class_token = prefix_tokens(visual)
@@ -457,7 +481,7 @@ class ClipBackbone(BackboneInfo):
         blocks = torch.stack(outputs, 1)
         patches = blocks[:, :, prefix:]
         first = blocks[:, :, :1] if has_class_token else patches.mean(2, keepdim=True)
-        return torch.cat([first, patches], 2)
+        return torch.cat([first, pool_patches(patches, self.token_pool)], 2)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids ``(B, context length)``, right-padded with :attr:`pad_id` (OpenAI BPE: SOT, BPE
@@ -495,6 +519,7 @@ def load_backbone(
     seed: int = 0,
     cache_dir: str | None = None,
     precision: str = "fp32",
+    token_pool: int = 1,
 ) -> ClipBackbone:
     """Build the frozen backbone (eval mode, no gradients) on ``device``.
 
@@ -509,9 +534,11 @@ def load_backbone(
         seed: seed of ``random`` weights.
         cache_dir: where to look for / download tagged weights (default: Hugging Face cache).
         precision: ``fp32`` (the reference) or ``fp16`` (autocast; faster on GPUs, small drift).
+        token_pool: N: average the patch grid in N x N blocks (token 0 kept; 1: the whole grid).
 
     Raises:
-        ConfigError: unknown or unsupported architecture, unknown or unavailable device or precision.
+        ConfigError: unknown or unsupported architecture, unknown or unavailable device or precision,
+            a ``token_pool`` that does not divide the patch grid (the message names its divisors).
         WeightsError: missing / unreadable / mismatching weights, no network for a first
             download, a tokenizer that cannot be loaded; the message says how to provide them.
     """
@@ -519,6 +546,7 @@ def load_backbone(
         raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, got {precision!r}")
     spec = get_backbone(arch)
     name, config, hub_preprocess = open_clip_config(arch)
+    video_tokens = pooled_tokens(spec.video_tokens, token_pool, name)
     dev = resolve_device(device)
     blocks = min(spec.vision_layers, spec.text_layers)
     if not 1 <= layers <= blocks:
@@ -561,11 +589,12 @@ def load_backbone(
         weights_sha256=digest,
         layers=layers,
         frame_size=spec.frame_size,
-        video_tokens=spec.video_tokens,
+        video_tokens=video_tokens,
         video_width=spec.video_width,
         text_width=spec.text_width,
         precision=precision,
         global_token=spec.global_token,
         preprocess=_preprocess(spec, tag, hub_preprocess),
+        token_pool=token_pool,
         device=dev,
     )

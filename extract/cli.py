@@ -91,10 +91,15 @@ def extract(
     ),
     out: Path = typer.Option(None, "--out", help="store directory (resumed when it exists)"),
     arch: str = typer.Option(
-        "ViT-B-32", help="any open_clip ViT name (ViT-B-32, ViT-H-14, ...) or ViT-B/32, ViT-L/14@336px, ..."
+        "ViT-B-32",
+        help="any open_clip model with a ViT image tower (ViT-B-32, ViT-B-16-SigLIP, ViT-B-16-SigLIP2, "
+        "EVA02-B-16, ...), hf-hub:REPO, or ViT-B/32, ViT-L/14@336px, ...",
     ),
     pretrained: str = typer.Option(
-        None, help="openai (default), a .pt/.bin/.safetensors file, or random[:SEED] (default with --sample)"
+        None,
+        help="TAG|FILE|random[:SEED]: any open_clip tag of --arch (openai = the default, webli, "
+        "merged2b_s8b_b131k, ...), a .pt/.bin/.safetensors file, or random weights (the default with "
+        "--sample; for pipeline tests)",
     ),
     fps: str = typer.Option(None, help="frames per second, or 'auto' = the dataset's rate (default)"),
     layers: int = typer.Option(4, help="k: last blocks kept from each tower"),
@@ -122,9 +127,21 @@ def extract(
     precision: str = typer.Option(
         "fp32", help="fp32 (the reference's numbers) | fp16 (autocast: faster on GPUs, tokens drift slightly)"
     ),
+    token_pool: int = typer.Option(
+        1,
+        "--token-pool",
+        help="N: average-pool each frame's patch grid N x N (token 0 kept), e.g. 2 turns the 196 patches of "
+        "a B/16 into 49; N must divide the grid; 1 = no pooling",
+    ),
+    dtype: str = typer.Option(
+        "float16",
+        "--dtype",
+        help="float16 | int8 (per-token scale, about half the bytes; dequantized on read)",
+    ),
     sample: bool = typer.Option(False, "--sample", help=f"extract the embedded sample (into {SAMPLE_STORE})"),
 ) -> None:
-    """Extract frozen CLIP tokens (last k blocks of both towers) of a dataset's videos and queries."""
+    """Extract frozen image-text model tokens (last k blocks of both towers) of a dataset's videos and
+    queries."""
     with user_errors():
         if sample:
             sample_videos, sample_files = sample_paths()
@@ -166,6 +183,8 @@ def extract(
             progress=progress,
             progress_interval=progress_interval,
             precision=precision,
+            token_pool=token_pool,
+            dtype=dtype,
         )
         try:
             with sigterm_as_interrupt():

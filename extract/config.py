@@ -30,6 +30,8 @@ from shards.cluster import DEFAULT_WORKER_TIMEOUT
 from shards.datasets import DatasetSpec, get_dataset, video_filename_stem
 from shards.device import usable_cores
 from shards.errors import AnnotationError, ConfigError, VideoError
+from shards.manifest import pooled_tokens
+from shards.quant import check_dtype
 from shards.schema import Query
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -76,7 +78,8 @@ class ExtractConfig:
         out: store directory (created, or resumed when its manifest matches).
         arch: any open_clip ViT config name (``ViT-B-32``, ``ViT-H-14``, ...) or an OpenAI spelling
             (``ViT-B/32``, ``ViT-B/16``, ``ViT-L/14``, ``ViT-L/14@336px``); see :mod:`shards.backbones`.
-        pretrained: ``openai``, a weights file, ``random`` or ``random:<seed>``.
+        pretrained: a tag of open_clip's for ``arch`` (``openai``, ``webli``, ``merged2b_s8b_b131k`` ...),
+            a weights file, ``random`` or ``random:<seed>``.
         fps: frames per second; ``None`` = the dataset's rate (per video from the annotations
             when the dataset has none, e.g. YouTube Highlights).
         layers: k, last blocks kept from each tower.
@@ -98,7 +101,12 @@ class ExtractConfig:
         progress_interval: seconds between two progress lines when stderr is not a terminal.
         precision: what the CLIP towers compute in: ``fp32`` (default, the reference's numbers) or
             ``fp16`` (autocast: faster on GPUs, tokens drift slightly; see docs/extract.md).
-            Tokens are stored as float16 either way; the store records the precision.
+            Tokens are stored as ``dtype`` either way; the store records the precision.
+        token_pool: N: the patch grid of every frame is average-pooled N x N at extraction (token 0
+            kept), so a frame has ``(grid / N)² + 1`` tokens; 1 = no pooling. N must divide the grid
+            (:func:`shards.manifest.pooled_tokens`).
+        dtype: how the store keeps the tokens, one of :data:`shards.quant.DTYPES` (``float16``, or
+            ``int8`` with a per-token scale, dequantized on read).
     """
 
     dataset: str
@@ -122,6 +130,8 @@ class ExtractConfig:
     progress: bool = True
     progress_interval: float = 30.0
     precision: str = "fp32"
+    token_pool: int = 1
+    dtype: str = "float16"
     extensions: tuple[str, ...] = field(default=VIDEO_EXTENSIONS)
 
 
@@ -138,11 +148,14 @@ def check_options(cfg: ExtractConfig) -> DatasetSpec:
     """Refuse settings that cannot work before anything is read or loaded; returns the dataset's spec.
 
     Raises:
-        UnknownDatasetError, ConfigError (unknown backbone, a count below 1, a rate not above 0),
+        UnknownDatasetError, ConfigError (unknown backbone, a count below 1, a rate not above 0, a
+        token pool that does not divide the backbone's patch grid, an unknown token dtype),
         VideoError (no videos folder).
     """
     spec = get_dataset(cfg.dataset)
-    get_backbone(cfg.arch)  # an unknown backbone fails before a worker starts or a video is read
+    backbone = get_backbone(cfg.arch)  # an unknown backbone fails before a worker starts or a video is read
+    pooled_tokens(backbone.video_tokens, cfg.token_pool, backbone.name)
+    check_dtype(cfg.dtype)
     if not cfg.videos.is_dir():
         raise VideoError(f"videos folder {cfg.videos} does not exist (pass --videos DIR)")
     for name in ("batch_size", "query_batch_size", "workers", "layers", "limit"):

@@ -53,6 +53,7 @@ class BackboneSpec:
     seed: int
     cache_dir: str | None
     precision: str = "fp32"
+    token_pool: int = 1
 
 
 def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
@@ -63,7 +64,14 @@ def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
     if backbone is None:
         _BACKBONES.clear()
         backbone = load_backbone(
-            spec.arch, spec.pretrained, spec.layers, device, spec.seed, spec.cache_dir, spec.precision
+            spec.arch,
+            spec.pretrained,
+            spec.layers,
+            device,
+            spec.seed,
+            spec.cache_dir,
+            spec.precision,
+            token_pool=spec.token_pool,
         )
         _BACKBONES[spec] = backbone
     return backbone
@@ -150,7 +158,14 @@ class DaskRunner:
             )
             self.client = Client(self.cluster)
         self.spec = BackboneSpec(
-            cfg.arch, cfg.pretrained, cfg.layers, cfg.device, cfg.seed, cfg.cache_dir, cfg.precision
+            cfg.arch,
+            cfg.pretrained,
+            cfg.layers,
+            cfg.device,
+            cfg.seed,
+            cfg.cache_dir,
+            cfg.precision,
+            cfg.token_pool,
         )
         try:
             weights = [cfg.pretrained] if Path(cfg.pretrained).is_absolute() else []  # a weights file

@@ -1,11 +1,21 @@
-"""Decode a video with PyAV and sample CLIP-ready frames the way the reference does, in-process.
+"""Decode a video with PyAV and sample frames ready for a backbone's image tower, in-process.
 
-The R²-Tuning reference runs the ffmpeg command line with the filter chain
-``fps=<rate>,scale=<w'>:<h'>,crop=<size>:<size>:<x>:<y>`` and reads ``rgb24`` frames. We run
-the *same* libavfilter graph inside PyAV, so the sampled instants (``fps`` filter, rounding
-"near": output frame ``n`` is the last input frame before ``(n + 0.5) / fps`` seconds), the
-bicubic swscale resize and the crop offsets (rounded down to even numbers in ``yuv420p``, as
-ffmpeg does) are byte-identical to the reference frames, without writing anything to disk.
+How a frame is resized follows the backbone's :class:`~shards.backbones.Preprocess` (open_clip's
+config for the model, recorded in a store's manifest):
+
+* ``shortest`` (OpenAI CLIP, EVA-02, ...): the R²-Tuning reference's graph. The reference runs the
+  ffmpeg command line with the filter chain ``fps=<rate>,scale=<w'>:<h'>,crop=<size>:<size>:<x>:<y>``
+  and reads ``rgb24`` frames. We run the *same* libavfilter graph inside PyAV, so the sampled
+  instants (``fps`` filter, rounding "near": output frame ``n`` is the last input frame before
+  ``(n + 0.5) / fps`` seconds), the bicubic swscale resize and the crop offsets (rounded down to
+  even numbers in ``yuv420p``, as ffmpeg does) are byte-identical to the reference frames, without
+  writing anything to disk;
+* ``squash`` (SigLIP, SigLIP 2): both sides scaled to ``size``, nothing cropped (aspect not kept);
+* ``longest``: the long side scaled to ``size`` (the short one to ``round(short * size / long)``, as
+  open_clip's ``ResizeKeepRatio``), then centred on a ``size`` x ``size`` canvas of the fill colour.
+
+The swscale kernel is the spec's ``interpolation`` (:data:`SCALE_FLAGS`); the sampled instants are
+the same in every mode.
 
 Like the ffmpeg command line we
 
@@ -21,24 +31,73 @@ readers (:func:`video_duration`, :func:`probe`) serve before the model is loaded
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 
-from shards.errors import VideoError
+from shards.backbones import OPENAI_MEAN, OPENAI_STD, REFERENCE_PREPROCESS, Preprocess
+from shards.errors import ConfigError, VideoError
 
 if TYPE_CHECKING:
     import torch
 
 TRUNCATION_TOLERANCE = 2.0
 """Seconds of declared video that may be missing at the end before a file counts as truncated."""
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SCALE_FLAGS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "neighbor", "lanczos": "lanczos"}
+"""A :class:`~shards.backbones.Preprocess` ``interpolation`` -> the swscale kernel that resizes the frames."""
+RESIZE_MODES = ("shortest", "squash", "longest")
+
+
+def preprocess_spec(size: int, record: Mapping[str, Any] | None = None) -> Preprocess:
+    """The :class:`~shards.backbones.Preprocess` at side ``size`` of a manifest's ``preprocess`` entry
+    (:meth:`~shards.backbones.Preprocess.record`); ``None``: the reference's (OpenAI CLIP's: short side
+    to ``size``, bicubic, centre crop, OpenAI mean and std), what stores made before the manifest
+    recorded it were made with.
+
+    Raises:
+        ConfigError: the entry lacks a field or names a resize mode or interpolation not supported here.
+    """
+    entry = dict(REFERENCE_PREPROCESS if record is None else record)
+    try:
+        spec = Preprocess(
+            size=int(size),
+            resize_mode=str(entry["resize_mode"]),
+            interpolation=str(entry["interpolation"]),
+            mean=tuple(float(m) for m in entry["mean"]),
+            std=tuple(float(s) for s in entry["std"]),
+            fill_color=int(entry.get("fill_color", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"the preprocessing {entry!r} is incomplete or malformed ({err})") from None
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: Preprocess) -> None:
+    """Refuse a :class:`~shards.backbones.Preprocess` the filter chain cannot follow.
+
+    Raises:
+        ConfigError: unknown resize mode or interpolation, a side below 1, not three means and stds.
+    """
+    if spec.resize_mode not in RESIZE_MODES:
+        raise ConfigError(
+            f"resize mode {spec.resize_mode!r} is not supported: frames are made by "
+            f"{', '.join(RESIZE_MODES)}"
+        )
+    if spec.interpolation not in SCALE_FLAGS:
+        raise ConfigError(
+            f"interpolation {spec.interpolation!r} is not supported: use {', '.join(SCALE_FLAGS)}"
+        )
+    if spec.size < 1 or len(spec.mean) != 3 or len(spec.std) != 3 or not 0 <= spec.fill_color <= 255:
+        raise ConfigError(
+            f"bad preprocessing: side {spec.size}, mean {spec.mean}, std {spec.std}, fill {spec.fill_color} "
+            "(want a side >= 1, three means and stds, a fill of 0..255)"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +132,33 @@ def crop_offset(width: int, height: int, size: int) -> tuple[int, int]:
     return int((width - size) / 2), int((height - size) / 2)
 
 
+def kept_ratio_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """Size ``(w', h')`` of ``longest``: long side ``size``, short ``round(short * size / long)`` (at least
+    1), as open_clip's ``ResizeKeepRatio(longest=1)``."""
+    ratio = max(width, height) / size
+    return max(1, round(width / ratio)), max(1, round(height / ratio))
+
+
+def _resize_filters(width: int, height: int, spec: Preprocess) -> list[tuple[str, str]]:
+    """libavfilter filters that turn a ``width`` x ``height`` picture into ``spec.size`` x ``spec.size``
+    ``rgb24`` the way ``spec.resize_mode`` says (module docstring)."""
+    size, flags = spec.size, SCALE_FLAGS[spec.interpolation]
+    if spec.resize_mode == "squash":
+        return [("scale", f"{size}:{size}:flags={flags}"), ("format", "rgb24")]
+    if spec.resize_mode == "longest":
+        sw, sh = kept_ratio_size(width, height, size)
+        x, y = (size - sw) // 2, (size - sh) // 2
+        color = "0x" + f"{spec.fill_color:02x}" * 3
+        return [
+            ("scale", f"{sw}:{sh}:flags={flags}"),
+            ("format", "rgb24"),
+            ("pad", f"{size}:{size}:{x}:{y}:color={color}"),
+        ]
+    sw, sh = scaled_size(width, height, size)
+    x, y = crop_offset(sw, sh, size)
+    return [("scale", f"{sw}:{sh}:flags={flags}"), ("crop", f"{size}:{size}:{x}:{y}"), ("format", "rgb24")]
+
+
 def _right_angle(rotation: float) -> int:
     """Nearest multiple of 90 degrees in ``[0, 360)`` (counter-clockwise)."""
     return int(round(rotation / 90.0)) % 4 * 90
@@ -89,19 +175,19 @@ def _rotation_filters(rotation: int) -> list[tuple[str, str]]:
 
 
 class _FilterChain:
-    """A configured libavfilter graph ``buffer -> [rotate] -> [fps] -> scale -> crop -> rgb24 -> sink``."""
+    """A configured libavfilter graph ``buffer -> [rotate] -> [fps] -> resize (``spec``) -> rgb24 -> sink``;
+    the resize is ``scale -> crop`` (``shortest``), ``scale`` (``squash``) or ``scale -> pad``
+    (``longest``)."""
 
     def __init__(
         self,
         frame: av.VideoFrame,
         time_base: Fraction,
-        size: int,
+        spec: Preprocess,
         fps: float | None,
         rotation: int,
     ) -> None:
         width, height = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
-        sw, sh = scaled_size(width, height, size)
-        x, y = crop_offset(sw, sh, size)
         self.graph = av.filter.Graph()
         nodes = [
             self.graph.add_buffer(
@@ -111,7 +197,7 @@ class _FilterChain:
         steps = list(_rotation_filters(rotation))
         if fps is not None:
             steps.append(("fps", str(float(fps))))
-        steps += [("scale", f"{sw}:{sh}"), ("crop", f"{size}:{size}:{x}:{y}"), ("format", "rgb24")]
+        steps += _resize_filters(width, height, spec)
         nodes += [self.graph.add(name, args) for name, args in steps]
         nodes.append(self.graph.add("buffersink"))
         for a, b in zip(nodes, nodes[1:], strict=False):
@@ -129,10 +215,15 @@ class _FilterChain:
             yield out.to_ndarray()
 
 
-def preprocess(frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
-    """CLIP-normalise frames: ``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 on ``device``.
+def preprocess(
+    frames: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    spec: Preprocess | None = None,
+) -> torch.Tensor:
+    """Normalise frames for the image tower: ``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 on ``device``.
 
-    ``x / 255``, then ``(x - mean) / std`` per channel with the OpenAI CLIP constants. The
+    ``x / 255``, then ``(x - mean) / std`` per channel with the mean and std of ``spec`` (the
+    backbone's :attr:`~extract.backbone.BackboneInfo.preprocess`; ``None``: OpenAI CLIP's). The
     uint8 frames are moved to ``device`` first, so a GPU receives 4x fewer bytes; from pinned memory
     the copy is asynchronous (the caller keeps the frames unchanged until the device has read them).
     """
@@ -145,8 +236,9 @@ def preprocess(frames: np.ndarray | torch.Tensor, device: str | torch.device | N
         raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {tuple(x.shape)} {x.dtype}")
     x = x.to(device if device is not None else "cpu", non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).to(x.device, non_blocking=True).view(1, 3, 1, 1)  # no wait for the GPU
-    std = torch.tensor(CLIP_STD).to(x.device, non_blocking=True).view(1, 3, 1, 1)
+    mean_std = (spec.mean, spec.std) if spec is not None else (OPENAI_MEAN, OPENAI_STD)
+    mean = torch.tensor(mean_std[0]).to(x.device, non_blocking=True).view(1, 3, 1, 1)  # no wait for the GPU
+    std = torch.tensor(mean_std[1]).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous()
 
 
@@ -252,12 +344,16 @@ def _check_complete(
         )
 
 
-def sample_frames(path: str | Path, fps: float, size: int = 224, threads: int = 0) -> Iterator[np.ndarray]:
+def sample_frames(
+    path: str | Path, fps: float, size: int | Preprocess = 224, threads: int = 0
+) -> Iterator[np.ndarray]:
     """Stream the frames the reference samples from ``path`` at ``fps`` frames per second.
 
-    Yields ``(size, size, 3)`` uint8 RGB frames, one per ``1 / fps`` seconds (about
+    Yields ``(S, S, 3)`` uint8 RGB frames, one per ``1 / fps`` seconds (about
     ``round(duration * fps)`` frames): the last source frame before the middle of each clip,
-    resized so the short side is ``size`` (bicubic) and centre-cropped. Decoding is streamed:
+    resized as ``size`` says: a backbone's :class:`~shards.backbones.Preprocess` (side ``S =
+    size.size``, its resize mode and interpolation: module docstring), or a side ``S`` for the
+    reference's way (short side to ``S``, bicubic, centre crop). Decoding is streamed:
     memory does not grow with the video's length. ``threads``: FFmpeg decoding threads (frame and
     slice threading; 0 = FFmpeg's choice, about one per core); the frames do not depend on it.
 
@@ -266,9 +362,12 @@ def sample_frames(path: str | Path, fps: float, size: int = 224, threads: int = 
             decode (corrupt), or ends well before its declared duration (truncated); the
             message names the file and the reason. Frames already yielded before the error
             are not retracted (the caller discards the video).
+        ConfigError: a resize mode or interpolation not supported here (:func:`check_spec`).
     """
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    spec = preprocess_spec(size) if isinstance(size, int) else size
+    check_spec(spec)
     path = Path(path)
     container, stream = _open(path)
     with container:
@@ -293,7 +392,7 @@ def sample_frames(path: str | Path, fps: float, size: int = 224, threads: int = 
                 last_pts = frame.pts = pts
                 last_duration = frame.duration
                 if chain is None:
-                    chain = _FilterChain(frame, time_base, size, fps, _right_angle(frame.rotation))
+                    chain = _FilterChain(frame, time_base, spec, fps, _right_angle(frame.rotation))
                 decoded += 1
                 yield from chain.push(frame)
             if chain is None or last_pts is None:

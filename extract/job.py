@@ -2,12 +2,12 @@
 
 Steps: parse the annotation files (all splits; :func:`extract.config.read_inputs`), find each video
 file, open or create the store (refused when its manifest — backbone, weights checksum, fps,
-layers — differs), extract every video not yet complete (in-process, or fanned out over dask
-workers), encode the queries of the videos in the store that have no tokens yet (or whose sentence
-changed), merge their annotations, list the skipped videos with their reasons in
-``<store>/failures.jsonl``, and the videos whose length disagrees with their annotated duration
-(:func:`shards.verify.duration_mismatches`, as ``r2 shards verify`` reports them) in
-``<store>/warnings.jsonl``.
+layers, preprocessing, token pooling, dtype — differs), extract every video not yet complete
+(in-process, or fanned out over dask workers), encode the queries of the videos in the store that
+have no tokens yet (or whose sentence changed), merge their annotations, list the skipped videos
+with their reasons in ``<store>/failures.jsonl``, and the videos whose length disagrees with their
+annotated duration (:func:`shards.verify.duration_mismatches`, as ``r2 shards verify`` reports
+them) in ``<store>/warnings.jsonl``.
 
 Progress goes to stderr: a bar on a terminal, else (batch jobs) an ``extract: 120/800 videos, ...``
 log line every ``progress_interval`` seconds.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -80,7 +81,14 @@ class LocalRunner:
     def __init__(self, cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> None:
         self.cfg = cfg
         self.backbone = backbone or load_backbone(
-            cfg.arch, cfg.pretrained, cfg.layers, cfg.device, cfg.seed, cfg.cache_dir, cfg.precision
+            cfg.arch,
+            cfg.pretrained,
+            cfg.layers,
+            cfg.device,
+            cfg.seed,
+            cfg.cache_dir,
+            cfg.precision,
+            token_pool=cfg.token_pool,
         )
         self.info = self.backbone.info()
 
@@ -311,7 +319,8 @@ def run_extraction(
     """Run (or resume) the extraction described by ``cfg``; see the module docstring.
 
     ``backbone``: an already loaded backbone to use in this process instead of building one
-    from ``cfg.arch`` / ``cfg.pretrained`` / ``cfg.layers`` / ``cfg.device`` (no fan-out then).
+    from ``cfg.arch`` / ``cfg.pretrained`` / ``cfg.layers`` / ``cfg.device`` / ``cfg.token_pool`` (no
+    fan-out then).
     ``inputs``: the annotations already read by :func:`extract.config.read_inputs` (read here when
     ``None``). ``summary``: filled in as the run goes, so that after a ``KeyboardInterrupt`` it tells
     what was done (a new one when ``None``); it is returned.
@@ -335,7 +344,11 @@ def run_extraction(
 def absolute_paths(cfg: ExtractConfig) -> ExtractConfig:
     """``cfg`` with the paths workers use absolute (videos, store, a weights file, the weights cache):
     dask workers may run in another folder or on another host, so relative paths are never sent."""
-    weights_file = cfg.pretrained not in ("openai", "random") and not cfg.pretrained.startswith("random:")
+    random = cfg.pretrained == "random" or cfg.pretrained.startswith("random:")
+    path_like = (
+        "/" in cfg.pretrained or os.sep in cfg.pretrained or Path(cfg.pretrained).expanduser().is_file()
+    )
+    weights_file = path_like and not random  # else a tag of open_clip's (openai, webli ...)
     return replace(
         cfg,
         videos=absolute(cfg.videos),
@@ -360,7 +373,8 @@ def _extract(
     try:
         info = runner.info
         summary.random_weights = info.pretrained.startswith("random:")
-        store = create_store(cfg.out, info.manifest(spec.name, cfg.fps if cfg.fps is not None else spec.fps))
+        fps = cfg.fps if cfg.fps is not None else spec.fps
+        store = create_store(cfg.out, info.manifest(spec.name, fps, dtype=cfg.dtype))
         stored = {q.qid: q for q in store.annotations()}  # unreadable ones stop the run now, not at its end
         todo = [t for t in tasks if not store.has_video(t.vid)]
         summary.already_done = len(tasks) - len(todo)

@@ -5,7 +5,9 @@ the videos are:
 
 * ``workers`` decoding threads (default: one per usable core but one,
   :func:`extract.config.decode_workers`), each streaming one video at a time through
-  :func:`extract.frames.sample_frames` and handing over chunks of frames;
+  :func:`extract.frames.sample_frames` (resized and normalised as the backbone's
+  :attr:`~extract.backbone.BackboneInfo.preprocess` says, the manifest's ``preprocess``) and handing
+  over chunks of frames;
 * the calling thread, which packs frames of one or several videos into batches of
   ``batch_size`` and runs the image tower (PyAV and torch release the GIL, so decoding
   overlaps the model). On a GPU it never waits for a batch before starting the next: frames go
@@ -34,6 +36,7 @@ import torch
 from extract.backbone import ClipBackbone
 from extract.config import decode_workers, decoder_threads
 from extract.frames import preprocess, sample_frames
+from shards.backbones import Preprocess
 from shards.errors import VideoError
 from shards.store import FeatureStore
 
@@ -105,12 +108,12 @@ def _decode_loop(
     tasks: Sequence[VideoTask],
     todo: queue.Queue,
     out: queue.Queue,
-    size: int,
+    spec: Preprocess,
     threads: int,
     stop: threading.Event,
 ) -> None:
-    """Decoder thread: take task indices from ``todo`` and emit their frames as :class:`_Piece` chunks
-    (``threads``: FFmpeg threads of its decoder)."""
+    """Decoder thread: take task indices from ``todo`` and emit their frames, made as ``spec`` says, as
+    :class:`_Piece` chunks (``threads``: FFmpeg threads of its decoder)."""
     while not stop.is_set():
         try:
             index = todo.get_nowait()
@@ -119,7 +122,7 @@ def _decode_loop(
         task = tasks[index]
         buf: list[np.ndarray] = []
         try:
-            for frame in sample_frames(task.path, task.fps, size, threads):
+            for frame in sample_frames(task.path, task.fps, spec, threads):
                 buf.append(frame)
                 if len(buf) == CHUNK_FRAMES:
                     if not _put(out, _Piece(index, np.stack(buf), False), stop):
@@ -186,14 +189,15 @@ class ImageTower:
         """Start the image tower on ``frames`` ``(N, S, S, 3)`` uint8, ``N`` at most the batch size."""
         device = self.backbone.device
         if not self.slots:
-            encoded = self.backbone.encode_frames(preprocess(frames, device))
+            encoded = self.backbone.encode_frames(preprocess(frames, device, self.backbone.preprocess))
             return PendingTokens(tokens=encoded.to(torch.float16).cpu().numpy())
         slot = self.slots[self.turn]
         self.turn = (self.turn + 1) % len(self.slots)
         slot.done.synchronize()  # its previous batch has left both buffers
         count = len(frames)
         slot.frames[:count].numpy()[...] = frames
-        tokens = self.backbone.encode_frames(preprocess(slot.frames[:count], device)).to(torch.float16)
+        images = preprocess(slot.frames[:count], device, self.backbone.preprocess)
+        tokens = self.backbone.encode_frames(images).to(torch.float16)
         self.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.stream):
             slot.tokens[:count].copy_(tokens, non_blocking=True)
@@ -359,10 +363,11 @@ def extract_videos(
 ) -> list[VideoResult]:
     """Decode, encode and store ``tasks``; return one :class:`VideoResult` per task (completion order).
 
-    Each video's tokens ``(T, k, P, C)`` are written as float16 with its task fps. Decoding
-    failures (missing, truncated, corrupt, audio-only files, no frames) become results with an
-    ``error``; store write errors are raised. ``on_result`` is called (from this or the writer
-    thread, serialised) as soon as each video is finished.
+    Each video's tokens ``(T, k, P, C)`` are handed to the store as float16 with its task fps (the
+    store keeps them in its manifest's dtype: float16, or int8). Decoding failures (missing,
+    truncated, corrupt, audio-only files, no frames) become results with an ``error``; store write
+    errors are raised. ``on_result`` is called (from this or the writer thread, serialised) as soon
+    as each video is finished.
 
     Args:
         batch_size: frames per image-tower forward pass (frames of several videos are packed).
@@ -391,7 +396,7 @@ def extract_videos(
     decoders = [
         threading.Thread(
             target=_decode_loop,
-            args=(tasks, todo, inbox, backbone.frame_size, threads, stop),
+            args=(tasks, todo, inbox, backbone.preprocess, threads, stop),
             name=f"decode-{i}",
             daemon=True,
         )

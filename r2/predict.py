@@ -8,11 +8,15 @@ style: encode a video once, then ask any number of sentences about it.
 >>> result = predictor.predict(video, "a man cuts an onion")
 >>> result.moments[:3]                                       # [[start_s, end_s, score], ...]
 
-The backbone is the one the checkpoint was trained on (architecture, weights, k, fps and the
-towers' precision from the store identity saved in the checkpoint; the frame size follows from
-the architecture); other weights, and another rate than a fixed-rate store's, are refused. Long
-videos are cut into overlapping windows of at most ``window`` clips; a video gives at most
-:data:`MAX_CLIPS` clips.
+The backbone is the one the checkpoint was trained on, rebuilt from the store identity saved in the
+checkpoint: architecture, weights, k, fps, the towers' precision, the token pooling
+(``token_pool``), the frames' preprocessing (``frame_size`` and ``preprocess``: resize mode,
+interpolation, mean and std) and the token dtype (``int8`` tokens are quantized and dequantized as
+the store did, :func:`shards.quant.roundtrip`, so the model sees what it was trained on).
+Checkpoints of stores made before these fields existed get the defaults of
+:data:`shards.manifest.DEFAULTS` (the reference's preprocessing, no pooling, float16). Other weights,
+and another rate than a fixed-rate store's, are refused. Long videos are cut into overlapping
+windows of at most ``window`` clips; a video gives at most :data:`MAX_CLIPS` clips.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import torch
 
 from eval.postprocess import postprocess_for
 from extract.backbone import ClipBackbone, load_backbone
-from extract.frames import preprocess, probe, sample_frames
+from extract.frames import preprocess, preprocess_spec, probe, sample_frames
+from shards.backbones import Preprocess
 from shards.errors import CheckpointError, ConfigError, VideoError
 from shards.manifest import DEFAULTS
+from shards.quant import roundtrip
 from train.checkpoint import read_checkpoint
 from train.inference import Grounder
 
@@ -49,7 +55,8 @@ class EncodedVideo:
 
     Attributes:
         path: the video file.
-        tokens: ``(T, k, P, C)`` float16 CLIP block outputs, one row per sampled clip.
+        tokens: ``(T, k, P, C)`` float16 block outputs of the image tower, one row per sampled clip
+            (pooled, and passed through the store's dtype, as the checkpoint's store holds them).
         fps: clips per second; clip ``t`` covers ``[t / fps, (t + 1) / fps)`` seconds.
         seconds: the video's length as its container gives it (``None`` when it does not say).
     """
@@ -94,6 +101,10 @@ class Predictor:
         window: most clips per model call; longer videos use windows overlapping by half.
         chosen_rate: ``fps`` was chosen by the user (a per-video-rate checkpoint), so it may not
             exceed a video's frame rate (faster clips would only repeat frames).
+        frames: how frames are made and normalised (the store's preprocessing); default: the
+            backbone's own.
+        dtype: the store's token dtype (``float16``, or ``int8``: tokens go through
+            :func:`shards.quant.roundtrip`).
     """
 
     def __init__(
@@ -103,12 +114,16 @@ class Predictor:
         fps: float,
         window: int = DEFAULT_WINDOW,
         chosen_rate: bool = False,
+        frames: Preprocess | None = None,
+        dtype: str = "float16",
     ):
         self.grounder = grounder
         self.backbone = backbone
         self.fps = fps
         self.window = window
         self.chosen_rate = chosen_rate
+        self.frames = frames or backbone.preprocess
+        self.dtype = dtype
 
     @classmethod
     def from_checkpoint(
@@ -120,7 +135,8 @@ class Predictor:
         window: int = DEFAULT_WINDOW,
         precision: str | None = None,
     ) -> Predictor:
-        """Load a checkpoint written by ``r2 train`` and the CLIP backbone its store was built with.
+        """Load a checkpoint written by ``r2 train`` and the backbone its store was built with
+        (architecture, weights, pooling, preprocessing, dtype: module docstring).
 
         Args:
             checkpoint: ``best.pt`` / ``last.pt`` of a run.
@@ -136,7 +152,8 @@ class Predictor:
         Raises:
             CheckpointError: the checkpoint has no store manifest, or the weights differ from it.
             ConfigError: ``fps`` is not a finite positive number, differs from a fixed-rate store's,
-                or is missing for a per-video-rate store; unknown ``precision``.
+                or is missing for a per-video-rate store; unknown ``precision``; a recorded
+                preprocessing the frame path cannot follow.
         """
         manifest = read_checkpoint(checkpoint).meta.get("store")
         if not isinstance(manifest, dict):
@@ -151,6 +168,7 @@ class Predictor:
             layers=int(manifest["layers"]),
             device=device,
             precision=precision or manifest.get("precision", DEFAULTS["precision"]),
+            token_pool=int(manifest.get("token_pool", DEFAULTS["token_pool"])),
         )
         if backbone.weights_sha256 != manifest["weights_sha256"]:
             raise CheckpointError(
@@ -158,8 +176,18 @@ class Predictor:
                 f"the ones {checkpoint} was trained on (sha256 {manifest['weights_sha256'][:12]}…, "
                 f"pretrained {manifest['pretrained']!r}): pass the original weights with --weights"
             )
+        size = int(manifest.get("frame_size", backbone.frame_size))
+        frames = preprocess_spec(size, manifest.get("preprocess"))
         grounder = Grounder.from_checkpoint(checkpoint, device=backbone.device)
-        return cls(grounder, backbone, rate, window, chosen_rate=manifest.get("fps") is None)
+        return cls(
+            grounder,
+            backbone,
+            rate,
+            window,
+            chosen_rate=manifest.get("fps") is None,
+            frames=frames,
+            dtype=str(manifest.get("dtype", "float16")),
+        )
 
     def check_video(self, path: str | Path) -> float | None:
         """Refuse ``path`` before decoding it when it would give more than :data:`MAX_CLIPS` clips at
@@ -188,11 +216,12 @@ class Predictor:
         batch_size: int = 32,
         progress: Callable[[int, int | None], None] | None = None,
     ) -> EncodedVideo:
-        """Sample ``path`` at the checkpoint's fps and run frozen CLIP on the frames.
+        """Sample ``path`` at the checkpoint's fps, made as its store's frames were, and run the frozen
+        image tower on them.
 
-        Frames are streamed in batches of ``batch_size``; only the fp16 tokens are kept. The
-        video is checked first (:meth:`check_video`), and stopped should it give more than
-        :data:`MAX_CLIPS` clips all the same (a container that understates its duration).
+        Frames are streamed in batches of ``batch_size``; only the fp16 tokens are kept (passed through
+        the store's dtype). The video is checked first (:meth:`check_video`), and stopped should it
+        give more than :data:`MAX_CLIPS` clips all the same (a container that understates its duration).
         ``progress(done, expected)`` is called after each batch with the clips encoded so far and
         the clips the duration promises (``round(duration * fps)``, ``None`` when unknown); an
         exception it raises stops the encoding.
@@ -208,13 +237,13 @@ class Predictor:
         batch: list[np.ndarray] = []
 
         def flush() -> None:
-            images = preprocess(np.stack(batch), device=self.backbone.device)
+            images = preprocess(np.stack(batch), self.backbone.device, self.frames)
             chunks.append(self.backbone.encode_frames(images).to("cpu", torch.float16).numpy())
             batch.clear()
             if progress is not None:
                 progress(sum(len(chunk) for chunk in chunks), expected)
 
-        for clips, frame in enumerate(sample_frames(path, self.fps, self.backbone.frame_size), 1):
+        for clips, frame in enumerate(sample_frames(path, self.fps, self.frames), 1):
             if clips > MAX_CLIPS:
                 raise VideoError(_too_many_clips(Path(path), clips, self.fps, None))
             batch.append(frame)
@@ -225,7 +254,8 @@ class Predictor:
         if not chunks:
             lasts = "" if duration is None else f" (the video lasts {duration:g} s)"
             raise VideoError(f"{path}: no frames could be sampled at {self.fps:g} fps{lasts}")
-        return EncodedVideo(Path(path), np.concatenate(chunks), self.fps, duration)
+        tokens = roundtrip(np.concatenate(chunks), self.dtype)
+        return EncodedVideo(Path(path), tokens, self.fps, duration)
 
     def encode_query(self, text: str) -> np.ndarray:
         """Text tokens of one sentence: ``(L, k, Cq)`` float16, SOT..EOT."""

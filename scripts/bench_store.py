@@ -170,7 +170,7 @@ def plain_zarr_layout(root: Path) -> Layout:
         "same store via plain zarr.open_array()[:]",
         path,
         lambda v, b: None,
-        lambda: lambda vid: zarr.open_array(str(path / "videos" / vid), mode="r")[:],
+        lambda: lambda vid: np.asarray(zarr.open_array(str(path / "videos" / vid), mode="r")[:]),
     )
 
 
@@ -200,7 +200,7 @@ def h5_layout(root: Path) -> Layout:
     return Layout("HDF5, one file, contiguous dataset per video", path, write_all, reader)
 
 
-def bench_manifest(shape: tuple[int, ...], text_width: int):
+def bench_manifest(shape: tuple[int, ...], text_width: int, dtype: str = "float16"):
     return make_manifest(
         dataset="qvhighlights",
         backbone="synthetic",
@@ -212,6 +212,7 @@ def bench_manifest(shape: tuple[int, ...], text_width: int):
         video_tokens=shape[2],
         video_width=shape[3],
         text_width=text_width,
+        dtype=dtype,
     )
 
 
@@ -311,7 +312,7 @@ def bench_loader(root: Path, vids: list[str], base: np.ndarray, disk_mbs: float,
         rates["ram"].append(loader_rate(ram, cfg))
     shutil.rmtree(path)
     nbytes = len(vids) * base.nbytes
-    result = {"videos": len(vids), "queries": 3 * len(vids), "rounds": rounds}
+    result: dict[str, float] = {"videos": len(vids), "queries": 3 * len(vids), "rounds": rounds}
     result.update({key: max(values) for key, values in rates.items()})
     for key in ("cold", "warm"):
         pairs = zip(rates[key], rates["ram"], strict=True)

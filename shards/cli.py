@@ -88,7 +88,8 @@ def verify(
     checked = "with checksums" if report.checksums else "without checksums (--quick)"
     typer.echo(
         f"checked {report.videos} videos, {report.queries_with_tokens} queries with tokens in "
-        f"{report.query_parts} part(s), {report.annotations} annotations, {checked}"
+        f"{report.query_parts} part(s), {report.annotations} annotations, {checked}; "
+        f"{report.token_bytes / 1e6:.1f} MB of {report.dtype} tokens"
     )
     for p in report.problems:
         typer.echo(f"{p.kind}\t{p.item}\t{p.detail}")

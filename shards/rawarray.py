@@ -1,4 +1,5 @@
-"""Raw I/O of the store's float16 zarr v3 arrays: chunk files read and written as plain bytes.
+"""Raw I/O of the store's zarr v3 token arrays (float16, or packed int8: :mod:`shards.quant`): chunk
+files read and written as plain bytes.
 
 The store writes every array with one ``bytes`` codec (little endian), no compressor, a regular
 grid chunked along axis 0 only. A chunk file then *is* the rows it holds, so this module reads
@@ -25,15 +26,22 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from shards.errors import StoreError
+from shards.quant import unpack
 
 if TYPE_CHECKING:
     from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
 
 DTYPE = np.dtype("<f2")
-"""Token dtype on disk and in memory: little-endian float16."""
+"""Token dtype in memory (and on disk, in a float16 store): little-endian float16."""
+DATA_TYPES: dict[str, np.dtype] = {"float16": DTYPE, "int8": np.dtype("i1")}
+"""zarr ``data_type`` -> numpy dtype of the arrays a store holds (int8: packed tokens, see
+:mod:`shards.quant`)."""
 
 _CHUNK_KEY_ENCODING: ChunkKeyEncodingParams = {"name": "default", "separator": "."}
-_FAST_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_FAST_CODECS = (
+    [{"name": "bytes", "configuration": {"endian": "little"}}],
+    [{"name": "bytes"}],  # how zarr writes it for one-byte types (int8), which have no byte order
+)
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -79,7 +87,8 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
 
 @dataclass
 class RawArray:
-    """A float16 zarr v3 array on local disk whose chunks are read as raw bytes when the metadata allows.
+    """A zarr v3 array (:data:`DATA_TYPES`) on local disk whose chunks are read as raw bytes when the
+    metadata allows.
 
     ``fast`` is true for arrays with a regular grid chunked along axis 0 only, the single codec
     ``bytes`` (little endian) and no storage transformer: then chunk ``i`` is the file
@@ -92,6 +101,8 @@ class RawArray:
         chunk_rows: rows per chunk along axis 0.
         attrs: the array's attributes.
         fast: whether the raw-byte path is used.
+        dtype: element type: float16, or int8 for packed quantized tokens. Buffers passed to the
+            reads are of this dtype.
     """
 
     path: Path
@@ -99,13 +110,15 @@ class RawArray:
     chunk_rows: int
     attrs: dict[str, Any]
     fast: bool
+    dtype: np.dtype = DTYPE
     _separator: str = "."
     _prefix: str = "c"
     _verified: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def load(cls, path: Path) -> RawArray:
-        """Read and validate ``path/zarr.json``; :class:`StoreError` if it is not a float16 zarr v3 array."""
+        """Read and validate ``path/zarr.json``; :class:`StoreError` if it is not a zarr v3 array of one
+        of :data:`DATA_TYPES`."""
         meta_file = path / "zarr.json"
         try:
             meta = json.loads(meta_file.read_bytes())
@@ -115,8 +128,10 @@ class RawArray:
             raise StoreError(f"{meta_file} is unreadable: {err}") from None
         if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
             raise StoreError(f"{meta_file} does not describe a zarr v3 array")
-        if meta.get("data_type") != "float16":
-            raise StoreError(f"{path}: dtype {meta.get('data_type')!r}, the store holds float16 tokens")
+        if meta.get("data_type") not in DATA_TYPES:
+            raise StoreError(
+                f"{path}: dtype {meta.get('data_type')!r}, the store holds {' or '.join(DATA_TYPES)} tokens"
+            )
         shape = tuple(int(s) for s in meta["shape"])
         grid = meta.get("chunk_grid", {})
         chunks = tuple(grid.get("configuration", {}).get("chunk_shape", ()))
@@ -128,7 +143,7 @@ class RawArray:
             grid.get("name") == "regular"
             and len(chunks) == len(shape) >= 1
             and tuple(chunks[1:]) == shape[1:]
-            and meta.get("codecs") == _FAST_CODECS
+            and meta.get("codecs") in _FAST_CODECS
             and not meta.get("storage_transformers")
             and encoding.get("name") in ("default", "v2")
         )
@@ -138,6 +153,7 @@ class RawArray:
             chunk_rows=int(chunks[0]) if chunks else max(shape[0], 1),
             attrs=meta.get("attributes", {}),
             fast=fast,
+            dtype=DATA_TYPES[meta["data_type"]],
             _separator=separator,
             _prefix="c" if encoding.get("name") == "default" else "",
         )
@@ -145,7 +161,7 @@ class RawArray:
     @property
     def row_nbytes(self) -> int:
         """Bytes of one row (one clip / one token)."""
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * DTYPE.itemsize
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -164,7 +180,8 @@ class RawArray:
         return self.path / key
 
     def read_rows(self, start: int, stop: int, out: np.ndarray, check: str | None = None) -> np.ndarray:
-        """Read rows ``[start, stop)`` into ``out`` (C-contiguous float16 of that shape) and return it.
+        """Read rows ``[start, stop)`` into ``out`` (C-contiguous, of that shape and :attr:`dtype`) and
+        return it.
 
         Fast arrays: one ``preadv`` per chunk touched, straight into ``out`` (no other buffer).
         ``check``: what is read, in words (``video 'v1'``); when given, every chunk touched is
@@ -198,8 +215,8 @@ class RawArray:
         return out
 
     def read_slab(self, first: int, out: np.ndarray, check: str | None = None) -> np.ndarray:
-        """Read entries ``[first, first + n)`` of axis 1 of every row into ``out`` (C-contiguous float16 of
-        shape ``(rows, n, *shape[2:])``) and return it: a few layers of a ``(T, k, P, C)`` video.
+        """Read entries ``[first, first + n)`` of axis 1 of every row into ``out`` (C-contiguous, of
+        :attr:`dtype` and shape ``(rows, n, *shape[2:])``) and return it: a few layers of a video.
 
         The slab of a row is contiguous on disk but the slabs of two rows are not. Fast arrays read
         unchecked: one ``preadv`` per row of just the slab's bytes, straight into ``out``. With ``check``
@@ -212,10 +229,10 @@ class RawArray:
         if check is not None or not self.fast:
             whole = self.map(check) if check is not None else None
             if whole is None:
-                whole = self.read_rows(0, self.shape[0], np.empty(self.shape, DTYPE), check)
+                whole = self.read_rows(0, self.shape[0], np.empty(self.shape, self.dtype), check)
             np.copyto(out, whole[:, first : first + count])
             return out
-        inner = int(np.prod(self.shape[2:], dtype=np.int64)) * DTYPE.itemsize
+        inner = int(np.prod(self.shape[2:], dtype=np.int64)) * self.dtype.itemsize
         span, view, row = count * inner, out.data.cast("B"), self.row_nbytes
         for index in range(self.num_chunks):
             chunk = self.chunk_path(index)
@@ -252,7 +269,7 @@ class RawArray:
             elif index in self._verified:
                 continue
             else:
-                data = self._read_rows(lo, hi, np.empty((hi - lo, *self.shape[1:]), DTYPE))
+                data = self._read_rows(lo, hi, np.empty((hi - lo, *self.shape[1:]), self.dtype))
             actual = crc32_hex(data.data.cast("B"))
             if actual != stored[index]:
                 where = self.chunk_path(index) if self.fast else f"chunk {index} of {self.path}"
@@ -277,21 +294,23 @@ class RawArray:
             mapping = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        array = np.frombuffer(mapping, DTYPE).reshape(self.shape)
+        array = np.frombuffer(mapping, self.dtype).reshape(self.shape)
         if check is not None:
             self.check_rows(0, self.shape[0], array, check)
         return array
 
     def scan(self) -> ChunkScan:
-        """CRC-32 of every chunk and the rows holding a non-finite value (reads everything once)."""
+        """CRC-32 of every chunk and the rows holding a non-finite value (of packed int8 tokens: a
+        non-finite scale) (reads everything once)."""
         sums = []
         bad = []
         for index in range(self.num_chunks):
             start = index * self.chunk_rows
             stop = min(self.shape[0], start + self.chunk_rows)
-            buf = self._read_rows(start, stop, np.empty((stop - start, *self.shape[1:]), DTYPE))
+            buf = self._read_rows(start, stop, np.empty((stop - start, *self.shape[1:]), self.dtype))
             sums.append(crc32_hex(buf.data.cast("B")))
-            finite = np.isfinite(buf.reshape(stop - start, -1)).all(axis=1)
+            values = buf if self.dtype == DTYPE else unpack(buf)[1]
+            finite = np.isfinite(values.reshape(stop - start, -1)).all(axis=1)
             bad.append(start + np.flatnonzero(~finite))
         return ChunkScan(sums, np.concatenate(bad) if bad else np.empty(0, np.int64))
 
@@ -317,7 +336,8 @@ def write_raw_array(
     attrs: dict[str, Any],
     fsync: bool,
 ) -> None:
-    """Write the row blocks ``rows`` (each ``(n_i, *tail)`` C-contiguous float16) as one array at ``path``.
+    """Write the row blocks ``rows`` (each ``(n_i, *tail)`` C-contiguous, all of one dtype of
+    :data:`DATA_TYPES`) as one array at ``path``.
 
     The blocks are concatenated along axis 0 and cut into chunks of ``chunk_rows`` rows, written
     as raw little-endian bytes (what zarr's ``bytes`` codec produces), the last one zero-padded;
@@ -325,8 +345,13 @@ def write_raw_array(
     written last; with ``fsync`` every file is flushed to disk.
     """
     total = sum(r.shape[0] for r in rows)
+    dtype = rows[0].dtype
+    names = {d: name for name, d in DATA_TYPES.items()}
+    if dtype not in names or any(r.dtype != dtype for r in rows):
+        found = sorted({str(r.dtype) for r in rows})
+        raise ValueError(f"rows must all be one of {list(DATA_TYPES)}, got {found}")
     path.mkdir(parents=True, exist_ok=True)
-    layout = RawArray(path, (total, *tail), chunk_rows, {}, True)
+    layout = RawArray(path, (total, *tail), chunk_rows, {}, True, dtype)
     chunk_nbytes = chunk_rows * layout.row_nbytes
     sums: list[str] = []
     pending = [r.data.cast("B") for r in rows]
@@ -353,7 +378,7 @@ def write_raw_array(
         store=str(path),
         shape=(total, *tail),
         chunks=(chunk_rows, *tail),
-        dtype="float16",
+        dtype=names[dtype],
         compressors=None,
         filters=None,
         serializer=BytesCodec(endian="little"),

@@ -42,7 +42,7 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
     fps_values = sorted({store.video_fps(v) for v in vids})
     video_bytes = sum(store.video_nbytes(v) for v in vids)
     lengths = [store.query_length(q) for q in store.query_ids()]
-    query_bytes = sum(lengths) * m.layers * m.text_width * 2
+    query_bytes = sum(store.query_nbytes(q) for q in store.query_ids())
     queries = store.annotations()
     annotated_videos = {q.vid for q in queries}
     disk_bytes, disk_files = _disk_usage(store.path)
@@ -107,7 +107,8 @@ def format_summary(info: dict[str, Any]) -> str:
         f"dataset      {m['dataset']}",
         f"backbone     {m['backbone']} (pretrained {m['pretrained']}, sha256 {m['weights_sha256']})",
         f"geometry     k={k} layers, P={p} tokens x C={c}, Cq={m['text_width']}, "
-        f"frame {m['frame_size']} px, fps {fps}",
+        f"frame {m['frame_size']} px, fps {fps}, token 0 {m.get('global_token', 'cls')}, "
+        f"token pool {m.get('token_pool', 1)}",
         f"format       v{m['format_version']}, {m['dtype']}, package {m['package_version']}, "
         f"created {m['created']}",
         f"videos       {v['count']}  T {_spread(clips)}  ({v['clips_total']} clips, {_size(v['bytes'])})",

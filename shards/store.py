@@ -13,6 +13,11 @@ One store per (dataset, backbone, fps, layers). Layout (see ``docs/store.md``)::
     <store>/_staging/                scratch space of writers (temporary data, never read); its
                                      ``zarr.json`` carries the writer lock (``flock``, annotations)
 
+A store whose manifest says ``dtype: int8`` holds the same arrays as packed int8 (T, k, P, C + 2) and
+(N_tokens, k, Cq + 2): each token's int8 values, then the bytes of its float16 scale
+(:mod:`shards.quant`). Its reads give float16 tokens all the same, dequantized into the caller's
+buffer; :meth:`FeatureStore.read_stored` and :meth:`FeatureStore.map_stored` give them as stored.
+
 This module is the typed facade (:class:`FeatureStore`, :func:`open_store`, :func:`create_store`).
 The manifest and its identity checks live in :mod:`shards.manifest`, the raw chunk I/O in
 :mod:`shards.rawarray`, the staged atomic commits in :mod:`shards.staging`; the names callers
@@ -38,6 +43,7 @@ import zarr
 from shards.errors import StoreError, option
 from shards.manifest import FORMAT_VERSION, Manifest, check_expected, make_manifest, package_version
 from shards.paths import unsafe_id_reason
+from shards.quant import DTYPES, dequantize_packed, pack, stored_dtype
 from shards.rawarray import DTYPE, RawArray, crc32_hex, fsync_path, write_raw_array
 from shards.schema import Query
 from shards.staging import Staging
@@ -64,7 +70,7 @@ __all__ = [
 
 VIDEOS, QUERIES, ANNOTATIONS, STAGING = "videos", "queries", "annotations", "_staging"
 QUERY_CHUNK_BYTES = 4 << 20
-"""Target size of one chunk of a query-token part (rows of ``k * Cq`` float16 values)."""
+"""Target size of one chunk of a query-token part (rows of ``k * Cq`` tokens as stored)."""
 
 
 def check_id(name: str, what: str) -> str:
@@ -116,6 +122,11 @@ class FeatureStore:
     cached per process (cheap to rebuild; no file handles are kept open, so a store object may be
     passed to forked worker processes). With ``verify_reads`` (default) every token read checks the
     CRC-32 of the chunks it reads (:meth:`shards.rawarray.RawArray.check_rows`).
+
+    Token reads give float16 whatever the store's ``dtype`` (an int8 store's tokens are dequantized
+    into the caller's buffer; ``quantized`` says which); :meth:`read_stored` / :meth:`map_stored` give
+    a video as stored (the loaders and the token cache keep int8 tokens and dequantize when they
+    assemble a batch).
     """
 
     def __init__(
@@ -126,6 +137,7 @@ class FeatureStore:
         self.writable = writable
         self.fsync = fsync
         self.verify_reads = verify_reads
+        self.quantized = manifest.dtype == "int8"
         self._staging = Staging(path / STAGING, fsync)
         self._videos: dict[str, RawArray] = {}
         self._query_index: dict[int | str, tuple[RawArray, int, int]] | None = None
@@ -155,10 +167,11 @@ class FeatureStore:
             if not (path / "zarr.json").is_file():
                 raise StoreError(f"video {vid!r} is not in store {self.path} (never written or incomplete)")
             arr = RawArray.load(path)
-            if len(arr.shape) != 4 or arr.shape[1:] != self.manifest.video_shape:
+            shape, dtype = self.manifest.stored_video_shape, stored_dtype(self.manifest.dtype)
+            if len(arr.shape) != 4 or arr.shape[1:] != shape or arr.dtype != dtype:
                 raise StoreError(
-                    f"video {vid!r} in {self.path} has shape {arr.shape}, the manifest says "
-                    f"(T, {', '.join(map(str, self.manifest.video_shape))})"
+                    f"video {vid!r} in {self.path} is {arr.dtype} of shape {arr.shape}, the manifest says "
+                    f"{dtype} (T, {', '.join(map(str, shape))})"
                 )
             self._videos[vid] = arr
         return arr
@@ -176,42 +189,76 @@ class FeatureStore:
         return self.video_length(vid) / self.video_fps(vid)
 
     def video_nbytes(self, vid: str) -> int:
-        """Bytes of the tokens of video ``vid``."""
+        """Bytes of the tokens of video ``vid`` as stored (an int8 store's: about half of float16)."""
         return self.video_array(vid).nbytes
+
+    def query_nbytes(self, qid: int | str) -> int:
+        """Bytes of the tokens of query ``qid`` as stored."""
+        part, _, length = self._query_entry(qid)
+        return length * part.row_nbytes
+
+    def _layers(self, layers: int | None) -> int:
+        """The number of last layers a read keeps (``None``: all); :class:`ValueError` outside 1..k."""
+        stored = self.manifest.layers
+        keep = stored if layers is None else int(layers)
+        if not 1 <= keep <= stored:
+            raise ValueError(f"layers must be in 1..{stored} (the stored layers), got {layers}")
+        return keep
 
     def read_video(self, vid: str, out: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
         """Tokens ``(T, k, P, C)`` float16 of video ``vid``, read into ``out`` when given.
 
         ``out`` must be a C-contiguous, writeable float16 array of exactly that shape (e.g. the
         first ``T`` clips of a row of a preallocated padded batch); :class:`ValueError` otherwise.
-        The bytes go from the file straight into ``out``: there is no intermediate buffer.
+        The bytes go from the file straight into ``out``: there is no intermediate buffer (an int8
+        store's tokens are dequantized from the mapped file into ``out``).
 
         ``layers``: only the last ``layers`` of the ``k`` stored layers, ``(T, layers, P, C)``
         (:meth:`shards.rawarray.RawArray.read_slab`: just their bytes when reads are not verified).
         """
         arr = self.video_array(vid)
+        keep = self._layers(layers)
+        out = _output(out, (arr.shape[0], keep, *self.manifest.video_shape[1:]))
+        if self.quantized:
+            stored = self.map_stored(vid) if keep == arr.shape[1] else self.read_stored(vid, keep)
+            return dequantize_packed(stored, out)
+        return self._read_rows(vid, arr, keep, out)
+
+    def _read_rows(self, vid: str, arr: RawArray, keep: int, out: np.ndarray) -> np.ndarray:
+        """The last ``keep`` layers of video ``vid`` (array ``arr``) as stored, into ``out``."""
         stored = arr.shape[1]
-        keep = stored if layers is None else int(layers)
-        if not 1 <= keep <= stored:
-            raise ValueError(f"layers must be in 1..{stored} (the stored layers), got {layers}")
-        out = _output(out, (arr.shape[0], keep, *arr.shape[2:]))
         if keep == stored:
             return arr.read_rows(0, arr.shape[0], out, self._checked(f"video {vid!r}"))
         return arr.read_slab(stored - keep, out, self._checked(f"video {vid!r}"))
 
-    def map_video(self, vid: str) -> np.ndarray:
-        """Read-only tokens ``(T, k, P, C)`` of video ``vid`` mapped from the page cache, without a copy.
+    def read_stored(self, vid: str, layers: int | None = None) -> np.ndarray:
+        """The last ``layers`` (``None``: all) layers of video ``vid`` as stored, in a new array: float16
+        ``(T, layers, P, C)``, or packed int8 ``(T, layers, P, C + 2)`` in an int8 store (dequantize
+        with :func:`shards.quant.dequantize_packed`)."""
+        arr = self.video_array(vid)
+        keep = self._layers(layers)
+        return self._read_rows(vid, arr, keep, np.empty((arr.shape[0], keep, *arr.shape[2:]), arr.dtype))
+
+    def map_stored(self, vid: str) -> np.ndarray:
+        """Read-only tokens of video ``vid`` as stored (see :meth:`read_stored`), mapped from the page
+        cache without a copy.
 
         The loader's read: the pages are read in by this call (so a background thread takes the
-        disk wait), and copying from the result then costs what copying from RAM costs. The mapping
-        stays valid if the video is rewritten meanwhile (rename keeps the old file alive). Arrays not
-        in the fast layout are read with :meth:`read_video`.
+        disk wait), and copying (or dequantizing) from the result then costs what it costs from RAM.
+        The mapping stays valid if the video is rewritten meanwhile (rename keeps the old file alive).
+        Arrays not in the fast layout are read with :meth:`read_stored`.
         """
         mapped = self.video_array(vid).map(self._checked(f"video {vid!r}"))
-        return mapped if mapped is not None else self.read_video(vid)
+        return mapped if mapped is not None else self.read_stored(vid)
+
+    def map_video(self, vid: str) -> np.ndarray:
+        """Tokens ``(T, k, P, C)`` float16 of video ``vid``: the read-only mapping of :meth:`map_stored`
+        in a float16 store, a new dequantized array in an int8 store."""
+        return self.read_video(vid) if self.quantized else self.map_stored(vid)
 
     def write_video(self, vid: str, tokens: np.ndarray, fps: float) -> None:
-        """Write the tokens ``(T, k, P, C)`` of video ``vid`` sampled at ``fps`` clips per second.
+        """Write the tokens ``(T, k, P, C)`` of video ``vid`` sampled at ``fps`` clips per second (as
+        float16, or quantized to int8 in an int8 store: :func:`shards.quant.pack`).
 
         Atomic: the video is staged and renamed into place, so it is either absent or complete;
         an existing video is replaced. Staging data of ``vid`` whose writer is provably gone (a
@@ -222,7 +269,7 @@ class FeatureStore:
         check_id(vid, "video")
         check_finite(tokens, f"tokens of video {vid!r}")
         m = self.manifest
-        data = _as_tokens(tokens, f"tokens of video {vid!r}", 4, m.video_shape, "k, P, C")
+        data = self._encode(_as_tokens(tokens, f"tokens of video {vid!r}", 4, m.video_shape, "k, P, C"))
         fps = float(fps)
         if not math.isfinite(fps) or fps <= 0:
             raise StoreError(f"video {vid!r}: fps must be a positive number, got {fps}")
@@ -231,7 +278,7 @@ class FeatureStore:
         label = f"video.{vid}"
         with self._staging.stage(label) as tmp:
             attrs = {"vid": vid, "fps": fps, "num_clips": int(data.shape[0])}
-            write_raw_array(tmp, [data], m.video_shape, data.shape[0], attrs, self.fsync)
+            write_raw_array(tmp, [data], m.stored_video_shape, data.shape[0], attrs, self.fsync)
             self._staging.commit_dir(tmp, self.path / VIDEOS / vid, label)
         self._videos.pop(vid, None)
 
@@ -285,19 +332,26 @@ class FeatureStore:
 
     def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray:
         """Tokens ``(L, k, Cq)`` float16 of query ``qid``, read into ``out`` when given (same rules as
-        for :meth:`read_video`). A cached index entry whose part a writer has collected since (the
-        query was rewritten into a newer part) is looked up again."""
-        part, start, length = self._query_entry(qid)
-        shape = (length, *part.shape[1:])
+        for :meth:`read_video`; an int8 store's are dequantized into ``out``). A cached index entry
+        whose part a writer has collected since (the query was rewritten into a newer part) is looked
+        up again."""
+        part = self._query_entry(qid)[0]
         try:
-            return part.read_rows(start, start + length, _output(out, shape), self._checked(f"query {qid!r}"))
+            return self._read_query(qid, out)
         except StoreError:
             if part.path.is_dir():
                 raise
         self._query_index = None
+        return self._read_query(qid, out)
+
+    def _read_query(self, qid: int | str, out: np.ndarray | None) -> np.ndarray:
         part, start, length = self._query_entry(qid)
-        shape = (length, *part.shape[1:])
-        return part.read_rows(start, start + length, _output(out, shape), self._checked(f"query {qid!r}"))
+        out = _output(out, (length, *self.manifest.query_shape))
+        check = self._checked(f"query {qid!r}")
+        if not self.quantized:
+            return part.read_rows(start, start + length, out, check)
+        stored = part.read_rows(start, start + length, np.empty((length, *part.shape[1:]), part.dtype), check)
+        return dequantize_packed(stored, out)
 
     def write_queries(self, qids: Sequence[int | str], tokens: Sequence[np.ndarray]) -> None:
         """Write the tokens ``(L_i, k, Cq)`` of the queries ``qids`` as one new part (atomic).
@@ -320,16 +374,16 @@ class FeatureStore:
             raise StoreError("write_queries got a query id twice in one call")
         m = self.manifest
         blocks = [
-            _as_tokens(t, f"tokens of query {q!r}", 3, m.query_shape, "k, Cq")
+            self._encode(_as_tokens(t, f"tokens of query {q!r}", 3, m.query_shape, "k, Cq"))
             for q, t in zip(ids, tokens, strict=True)
         ]
-        row_nbytes = m.layers * m.text_width * DTYPE.itemsize
+        row_nbytes = blocks[0][0].nbytes
         total = sum(b.shape[0] for b in blocks)
         chunk_rows = min(max(1, QUERY_CHUNK_BYTES // row_nbytes), total)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         with self._staging.stage("queries") as tmp:
             attrs = {"qids": ids, "lengths": [b.shape[0] for b in blocks]}
-            write_raw_array(tmp, blocks, m.query_shape, chunk_rows, attrs, self.fsync)
+            write_raw_array(tmp, blocks, m.stored_query_shape, chunk_rows, attrs, self.fsync)
             self._staging.commit_dir(tmp, self.path / QUERIES / name, "queries")
         self._query_index = None
         self._collect_superseded_parts()
@@ -379,6 +433,10 @@ class FeatureStore:
     def staging_entries(self) -> list[str]:
         """Names of leftover staging entries (writes in progress or killed), sorted."""
         return self._staging.entries()
+
+    def _encode(self, tokens: np.ndarray) -> np.ndarray:
+        """float16 ``tokens`` as this store holds them: as they are, or packed int8 (:mod:`shards.quant`)."""
+        return pack(tokens) if self.quantized else tokens
 
     def _checked(self, what: str) -> str | None:
         """``what`` to check a read against the stored CRC-32 (``verify_reads``), else ``None``."""
@@ -436,6 +494,11 @@ def _read_root(path: Path) -> dict[str, Any]:
         raise StoreError(
             f"store {path} has format version {attrs['format_version']}, this package reads version "
             f"{FORMAT_VERSION}: re-create the store with this version"
+        )
+    if attrs.get("dtype") not in DTYPES:
+        raise StoreError(
+            f"store {path} holds {attrs.get('dtype')!r} tokens, this package reads {' or '.join(DTYPES)} "
+            "stores: re-create the store with this version"
         )
     missing = [n for n in (VIDEOS, QUERIES, ANNOTATIONS, STAGING) if not (path / n / "zarr.json").is_file()]
     if missing:

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.errors import StoreError
+from shards.quant import stored_dtype
 from shards.schema import Query
 from shards.store import QUERIES, VIDEOS, FeatureStore, RawArray, open_store
 
@@ -45,9 +46,15 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify_store`; ``ok`` when ``problems`` is empty."""
+    """Result of :func:`verify_store`; ``ok`` when ``problems`` is empty.
+
+    ``dtype`` is how the store holds its tokens (``float16`` / ``int8``) and ``token_bytes`` the bytes
+    of the video and query tokens found usable, as stored.
+    """
 
     store: str
+    dtype: str = "float16"
+    token_bytes: int = 0
     videos: int = 0
     query_parts: int = 0
     queries_with_tokens: int = 0
@@ -115,6 +122,8 @@ def _verify_videos(store: FeatureStore, report: VerifyReport, checksums: bool, p
         if why:
             kind = "checksum" if why.startswith("checksum") else "bad-video"
             report.problems.append(Problem(kind, vid, why))
+        else:
+            report.token_bytes += arr.nbytes
         if len(nonfinite):
             clips = ", ".join(map(str, nonfinite[:5])) + (", ..." if len(nonfinite) > 5 else "")
             report.problems.append(
@@ -128,7 +137,7 @@ def _verify_videos(store: FeatureStore, report: VerifyReport, checksums: bool, p
 def _verify_queries(store: FeatureStore, report: VerifyReport, checksums: bool) -> set[int | str]:
     """Check every query part; return the ids that have usable tokens."""
     good: set[int | str] = set()
-    k, cq = store.manifest.query_shape
+    shape, dtype = store.manifest.stored_query_shape, stored_dtype(store.manifest.dtype)
     for path in sorted((store.path / QUERIES).iterdir()):
         if not path.is_dir():
             continue
@@ -140,8 +149,8 @@ def _verify_queries(store: FeatureStore, report: VerifyReport, checksums: bool) 
             report.problems.append(Problem("bad-query-part", path.name, f"unusable metadata: {err}"))
             continue
         why, nonfinite = None, NO_ROWS
-        if len(part.shape) != 3 or part.shape[1:] != (k, cq):
-            why = f"shape {part.shape}, the manifest says (N, {k}, {cq})"
+        if len(part.shape) != 3 or part.shape[1:] != shape or part.dtype != dtype:
+            why = f"{part.dtype} of shape {part.shape}, the manifest says {dtype} (N, {shape[0]}, {shape[1]})"
         elif len(qids) != len(lengths) or sum(lengths) != part.shape[0] or min(lengths, default=1) < 1:
             why = f"{len(qids)} ids with {sum(lengths)} tokens in total do not fit {part.shape[0]} rows"
         else:
@@ -151,6 +160,7 @@ def _verify_queries(store: FeatureStore, report: VerifyReport, checksums: bool) 
             report.problems.append(Problem(kind, path.name, why))
         else:
             good.update(qids)
+            report.token_bytes += part.nbytes
         owners = np.searchsorted(np.cumsum(lengths), nonfinite, side="right") if len(nonfinite) else NO_ROWS
         for index in np.unique(owners).tolist():
             report.problems.append(
@@ -267,7 +277,7 @@ def verify_store(
         progress: show a tqdm bar over the videos.
     """
     store = open_store(path)
-    report = VerifyReport(store=str(store.path), checksums=checksums)
+    report = VerifyReport(store=str(store.path), dtype=store.manifest.dtype, checksums=checksums)
     for name in store.staging_entries():
         label = name.rpartition("+")[0] or name
         report.problems.append(

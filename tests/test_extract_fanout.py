@@ -39,8 +39,11 @@ def test_each_worker_builds_on_its_gpu_made_current(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setattr(distributed, "get_worker", lambda: SimpleNamespace(name=5))
 
-    def load(arch: str, pretrained: str, layers: int, device: str, *rest: object) -> object:
+    pools: list[int] = []
+
+    def load(arch: str, pretrained: str, layers: int, device: str, *_: object, token_pool: int = 1) -> object:
         built.append(device)
+        pools.append(token_pool)
         return object()
 
     monkeypatch.setattr(fanout, "load_backbone", load)
@@ -49,8 +52,9 @@ def test_each_worker_builds_on_its_gpu_made_current(monkeypatch) -> None:
     worker_backbone(spec)
     worker_backbone(spec)
     assert built == ["cuda:1"] and current == [1, 1]
-    worker_backbone(BackboneSpec("ViT-B-32", "random", 2, "cpu", 0, None))
+    worker_backbone(BackboneSpec("ViT-B-32", "random", 2, "cpu", 0, None, token_pool=7))
     assert built == ["cuda:1", "cpu"] and current == [1, 1]
+    assert pools == [1, 7]  # the store's pooling reaches the workers' backbones
 
 
 def test_two_worker_processes_write_one_store(tmp_path, write_charades) -> None:

@@ -1,4 +1,5 @@
-"""Frame sampling, resize/crop and CLIP normalisation (extract/frames.py)."""
+"""Frame sampling, resize (each backbone's resize mode; the reference's crop byte for byte) and
+normalisation (extract/frames.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ from PIL import Image
 
 from extract.config import sample_paths
 from extract.frames import (
-    CLIP_MEAN,
-    CLIP_STD,
     _FilterChain,
     crop_offset,
+    kept_ratio_size,
     preprocess,
+    preprocess_spec,
     probe,
     sample_frames,
     scaled_size,
 )
-from shards.errors import VideoError
+from shards.backbones import OPENAI_MEAN, OPENAI_STD, Preprocess
+from shards.errors import ConfigError, VideoError
 from tests.helpers.videos import make_audio_only, make_video, truncate
 
 DATA = Path(__file__).parent / "data"
@@ -37,7 +39,7 @@ def _source_frames(path: Path, size: int = 224) -> tuple[list[float], list[np.nd
         stream = container.streams.video[0]
         chain = None
         for frame in container.decode(stream):
-            chain = chain or _FilterChain(frame, stream.time_base, size, None, 0)
+            chain = chain or _FilterChain(frame, stream.time_base, preprocess_spec(size), None, 0)
             times.append(float(frame.time))
             pictures.extend(chain.push(frame))
     return times, pictures
@@ -47,7 +49,7 @@ def _resize_crop(image: np.ndarray, size: int) -> np.ndarray:
     """One ``(H, W, 3)`` uint8 image through the video path's scale + crop filters: ``(size, size, 3)``."""
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
     frame.pts = 0
-    chain = _FilterChain(frame, Fraction(1, 1), size, None, 0)
+    chain = _FilterChain(frame, Fraction(1, 1), preprocess_spec(size), None, 0)
     return [*chain.push(frame), *chain.push(None)][0]
 
 
@@ -155,8 +157,8 @@ def test_broken_inputs_raise_video_error(tmp_path, make, reason) -> None:
 
 def test_normalisation_matches_open_clip_exactly() -> None:
     expected = np.load(DATA / "clip_preprocess" / "expected_preprocessed_image.npy")
-    mean = np.array(CLIP_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(CLIP_STD).reshape(1, 3, 1, 1)
+    mean = np.array(OPENAI_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(OPENAI_STD).reshape(1, 3, 1, 1)
     levels = (expected * std + mean) * 255  # the uint8 picture open_clip normalised
     assert np.abs(levels - np.round(levels)).max() < 1e-3
     pixels = np.round(levels).astype(np.uint8).transpose(0, 2, 3, 1)
@@ -177,7 +179,7 @@ def test_resize_path_against_open_clip_golden_image() -> None:
     diff = np.abs(ours - expected)
     assert diff.max() < 0.07
     assert diff.mean() < 0.005
-    assert (diff < 2.5 / 255 / min(CLIP_STD)).mean() > 0.999
+    assert (diff < 2.5 / 255 / min(OPENAI_STD)).mean() > 0.999
     # a one-pixel shift of the crop would be far worse than the kernel difference
     assert np.abs(ours[..., 1:] - expected[..., :-1]).mean() > 3 * diff.mean()
 
@@ -195,3 +197,83 @@ def test_fps_graph_time_base_is_independent_of_container_offset(tmp_path) -> Non
     assert len(frames) == 2
     blue = [int(np.median(f[..., 2])) for f in frames]
     assert blue == pytest.approx([(2 * 37) % 256, (7 * 37) % 256], abs=6)
+
+
+def _bordered_video(path: Path, width: int = 96, height: int = 48) -> Path:
+    """A video whose picture has a red left band, a blue right band (16 px each) and grey between."""
+    picture = np.full((height, width, 3), 128, np.uint8)
+    picture[:, :16] = (255, 0, 0)
+    picture[:, -16:] = (0, 0, 255)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        for _ in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _spec(mode: str, size: int = 32, interpolation: str = "bicubic", fill: int = 0) -> Preprocess:
+    return Preprocess(size, mode, interpolation, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), fill)
+
+
+def test_squash_keeps_the_whole_picture(tmp_path) -> None:
+    path = _bordered_video(tmp_path / "bands.mp4")
+    squashed = next(sample_frames(path, 2.0, _spec("squash")))
+    assert squashed.shape == (32, 32, 3)
+    # 96x48 -> 32x32: both 16-px bands survive as ~5-px bands on their own side, nothing is cut
+    assert (squashed[:, :4, 0] > 200).all() and (squashed[:, :4, 2] < 60).all()
+    assert (squashed[:, -4:, 2] > 200).all() and (squashed[:, -4:, 0] < 60).all()
+    assert np.abs(squashed[:, 8:24].astype(int) - 128).max() < 12
+    # the reference's short side + centre crop of the same video cuts the bands away (64x32 -> x 16..48)
+    cropped = next(sample_frames(path, 2.0, 32))
+    assert (cropped[..., 0] < 200).all() and (cropped[..., 2] < 200).all()
+
+
+def test_longest_pads_with_the_fill_colour(tmp_path) -> None:
+    path = _bordered_video(tmp_path / "bands.mp4")
+    assert kept_ratio_size(96, 48, 32) == (32, 16) and kept_ratio_size(48, 97, 32) == (16, 32)
+    padded = next(sample_frames(path, 2.0, _spec("longest", fill=200)))
+    assert padded.shape == (32, 32, 3)
+    # 96x48 -> 32x16 centred: rows 0..7 and 24..31 are the fill, the picture in between has both bands
+    assert (padded[:8] == 200).all() and (padded[24:] == 200).all()
+    assert padded[16, 1, 0] > 200 and padded[16, -2, 2] > 200 and abs(int(padded[16, 16, 1]) - 128) < 12
+
+
+def test_the_interpolation_of_the_spec_is_used(tmp_path) -> None:
+    path = make_video(tmp_path / "ramp.mp4", width=64, height=48, frames=4)
+    frames = {k: next(sample_frames(path, 5.0, _spec("squash", 40, k))) for k in ("bicubic", "bilinear")}
+    assert not np.array_equal(frames["bicubic"], frames["bilinear"])
+    assert np.abs(frames["bicubic"].astype(int) - frames["bilinear"].astype(int)).mean() < 4
+
+
+def test_the_reference_spec_gives_the_reference_frames() -> None:
+    spec = preprocess_spec(224)
+    assert (spec.resize_mode, spec.interpolation, spec.mean, spec.std) == (
+        "shortest", "bicubic", OPENAI_MEAN, OPENAI_STD,
+    )  # fmt: skip
+    by_side = [f.tobytes() for f in sample_frames(CHARADES, 0.25)]
+    assert by_side == [f.tobytes() for f in sample_frames(CHARADES, 0.25, spec)]
+
+
+def test_preprocess_normalises_with_the_specs_mean_and_std() -> None:
+    frames = np.array([[[[0, 128, 255]]]], np.uint8)
+    siglip = preprocess(frames, spec=_spec("squash", 1)).numpy().ravel()
+    np.testing.assert_allclose(siglip, [-1.0, 128 / 127.5 - 1, 1.0], atol=1e-6)
+    openai = preprocess(frames).numpy().ravel()
+    np.testing.assert_allclose(openai, (np.array([0, 128, 255]) / 255 - OPENAI_MEAN) / OPENAI_STD, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"resize_mode": "crop"}, "resize mode 'crop'"),
+        ({"interpolation": "random"}, "interpolation 'random'"),
+        ({"mean": [0.5, 0.5]}, "three means"),
+        ({"std": None}, "malformed"),
+    ],
+)
+def test_a_spec_the_frame_path_cannot_follow_is_refused(change, message) -> None:
+    record = {**_spec("squash").record(), **change}
+    with pytest.raises(ConfigError, match=message):
+        preprocess_spec(224, record)

@@ -1,13 +1,16 @@
-"""The extraction pipeline's defaults and overlap: decode workers from the core count, batches in flight
+"""The extraction pipeline's defaults and overlap: decode workers from the core count, batches in flight,
+frames made as the backbone's preprocessing says, the token-pool and dtype options
 (extract/config.py, extract/pipeline.py, extract/cli.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import extract.job
@@ -20,10 +23,11 @@ from extract.config import (
     decoder_threads,
     sample_paths,
 )
-from extract.frames import sample_frames
+from extract.frames import preprocess, sample_frames
 from extract.job import ExtractSummary
 from extract.pipeline import VideoTask, extract_videos
 from r2.cli import build_app
+from shards.backbones import Preprocess
 from shards.device import usable_cores
 from shards.store import create_store
 from tests.helpers.videos import make_video, truncate
@@ -140,3 +144,44 @@ def test_cli_workers_auto_or_a_number(tmp_path, monkeypatch) -> None:
     for bad in ("0", "two"):
         result = runner.invoke(build_app(), [*base, "--workers", bad])
         assert result.exit_code == 2 and "--workers must be 'auto' or a number" in result.output
+
+
+def test_frames_are_made_as_the_backbones_preprocessing_says(backbone, tmp_path) -> None:
+    squash = Preprocess(224, "squash", "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    squashing = dataclasses.replace(backbone, preprocess=squash)
+    path = make_video(tmp_path / "wide.mp4", width=96, height=48, frames=20, rate=10)
+    store = create_store(tmp_path / "s.zarr", squashing.manifest("charades", 1.0))
+    assert store.manifest.preprocess["resize_mode"] == "squash"
+    extract_videos(squashing, store, [VideoTask("wide", path, 1.0)], batch_size=4, workers=1)
+    frames = np.stack(list(sample_frames(path, 1.0, squash)))
+    expected = backbone.encode_frames(preprocess(frames, spec=squash)).to(torch.float16).numpy()
+    np.testing.assert_array_equal(store.read_video("wide"), expected)
+    cropped = np.stack(list(sample_frames(path, 1.0)))
+    reference = backbone.encode_frames(preprocess(cropped)).to(torch.float16).numpy()
+    assert np.abs(store.read_video("wide").astype(np.float32) - reference).max() > 0.1
+
+
+def test_cli_token_pool_and_dtype_reach_the_config(tmp_path, monkeypatch) -> None:
+    seen: list[ExtractConfig] = []
+
+    def fake_run(cfg: ExtractConfig, **given: object) -> ExtractSummary:
+        seen.append(cfg)
+        return ExtractSummary(store=cfg.out, videos=0)
+
+    monkeypatch.setattr(extract.job, "run_extraction", fake_run)
+    runner = CliRunner()
+    base = ["extract", "--sample", "--out", str(tmp_path / "s.zarr"), "--no-progress"]
+    pooled = ["--arch", "ViT-B-16-SigLIP", "--token-pool", "2", "--dtype", "int8"]
+    for args, expected in (([], (1, "float16")), (pooled, (2, "int8"))):
+        result = runner.invoke(build_app(), [*base, *args])
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].token_pool, seen[-1].dtype) == expected
+    for args, message in (
+        (["--token-pool", "0"], "--token-pool must be a positive integer, got 0"),
+        (["--token-pool", "2"], "--token-pool 2 does not divide the 7x7 patch grid of ViT-B-32"),
+        (["--arch", "ViT-B-16-SigLIP", "--token-pool", "3"], "--token-pool 3 does not divide the 14x14"),
+        (["--dtype", "bfloat16"], "token dtype must be float16 or int8, got 'bfloat16'"),
+    ):
+        result = runner.invoke(build_app(), [*base, *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert len(seen) == 2  # refused before anything ran

@@ -14,10 +14,13 @@ from eval.postprocess import postprocess_for
 from eval.predictions import read_predictions
 from extract.backbone import load_backbone
 from extract.config import sample_paths
+from extract.frames import preprocess, preprocess_spec, sample_frames
 from r2.cli import build_app
 from r2.predict import Predictor
+from shards.backbones import Preprocess
 from shards.errors import CheckpointError, ConfigError
 from shards.manifest import make_manifest
+from shards.quant import roundtrip
 from train.checkpoint import save_checkpoint
 from train.config import get_preset
 from train.inference import Grounder
@@ -193,3 +196,29 @@ def test_the_duration_is_the_videos_not_the_clips_rounded_up(predictor) -> None:
     video = predictor.encode_video(charades, batch_size=16)
     assert len(video.tokens) == 31 and video.duration == pytest.approx(30.697, abs=1e-3)
     assert all(end <= video.duration + 1e-6 for _, end, _ in predictor.predict(video, "a cup").moments)
+
+
+def test_the_stores_frames_pooling_and_dtype_are_rebuilt(tmp_path, backbone, predictor) -> None:
+    """A store made with a squash resize, 7 x 7 pooling and int8 tokens: predict makes the frames, pools
+    and rounds the tokens as the store did; a store recording none of them gets the reference's."""
+    squash = Preprocess(224, "squash", "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    cfg = get_preset("charades")
+    info = backbone.info()
+    manifest = make_manifest(
+        dataset="charades", backbone=info.name, pretrained=info.pretrained,
+        weights_sha256=info.weights_sha256, layers=info.layers, frame_size=224, fps=1.0,
+        video_tokens=2, video_width=768, text_width=512, preprocess=squash.record(), token_pool=7,
+        dtype="int8",
+    )  # fmt: skip
+    model = R2Tuning(cfg.model, cfg.loss)
+    path = save_checkpoint(tmp_path / "best.pt", model, cfg, {"store": manifest.identity()})
+    rebuilt = Predictor.from_checkpoint(path, device="cpu")
+    assert (rebuilt.frames, rebuilt.dtype, rebuilt.backbone.token_pool) == (squash, "int8", 7)
+    video = rebuilt.encode_video(VIDEO, batch_size=4)
+    frames = np.stack(list(sample_frames(VIDEO, 1.0, squash)))
+    tokens = rebuilt.backbone.encode_frames(preprocess(frames, spec=squash))
+    assert video.tokens.shape == (10, 4, 2, 768)
+    np.testing.assert_array_equal(video.tokens, roundtrip(tokens, "int8"))
+    assert not np.array_equal(video.tokens, tokens.to(torch.float16).numpy())  # int8 rounding was applied
+    old = (predictor.frames, predictor.dtype, predictor.backbone.token_pool)
+    assert old == (preprocess_spec(224), "float16", 1)

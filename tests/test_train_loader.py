@@ -57,7 +57,11 @@ class CountingStore(FeatureStore):
         self.reads[vid] += 1
         return super().read_video(vid, out, layers)
 
-    def map_video(self, vid):
+    def read_stored(self, vid, layers=None):
+        self.reads[vid] += 1
+        return super().read_stored(vid, layers)
+
+    def map_stored(self, vid):
         self.reads[vid] += 1
         mapped = super().video_array(vid).map()
         self.mappings.append(weakref.ref(mapped))

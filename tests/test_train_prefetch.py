@@ -102,6 +102,14 @@ class SlowStore(FeatureStore):
         self._slow()
         return super().map_video(vid)
 
+    def map_stored(self, vid):
+        self._slow()
+        return super().map_stored(vid)
+
+    def read_stored(self, vid, layers=None):
+        self._slow()
+        return super().read_stored(vid, layers)
+
     def read_video(self, vid, out=None, layers=None):
         self._slow()
         return super().read_video(vid, out, layers)
@@ -204,7 +212,7 @@ def test_device_gathers_copy_no_tokens_on_the_host_and_stay_in_the_calling_threa
     def host_copy(*_args, **_kwargs):
         raise AssertionError("a host copy of tokens on the device path")
 
-    for name in ("map_video", "read_video", "read_query"):
+    for name in ("map_video", "read_video", "map_stored", "read_stored", "read_query"):
         monkeypatch.setattr(cache, name, host_copy)
     video_tensor = cache.video_tensor
 

@@ -1,10 +1,11 @@
 """Which stores a config or a checkpoint may be used with.
 
 A checkpoint records the identity of the store it was trained on (:meth:`Manifest.identity`:
-backbone, weights checksum, fps, layers, frame size, token shapes, dataset); a store that differs
-in any of them is refused with a :class:`~shards.errors.StoreError` that names both values. A
-config is checked against a store's geometry before any training starts, and takes its token dims
-(P, C, Cq) from the store's manifest.
+backbone, weights checksum, fps, layers, frame size, token shapes, dataset, token dtype and pooling,
+global token, preprocessing); a store that differs in any of them is refused with a
+:class:`~shards.errors.StoreError` that names both values. A config is checked against a store's
+geometry before any training starts, and takes its token dims (P, C, Cq) from the store's manifest
+(P of a store extracted with ``--token-pool N`` is that of the pooled grid).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 from shards.backbones import TokenDims, normalize_backbone
 from shards.datasets import get_dataset
-from shards.errors import StoreError
-from shards.manifest import IDENTITY_FIELDS
+from shards.errors import ConfigError, StoreError
+from shards.manifest import DEFAULTS, IDENTITY_FIELDS, check_expected, pooled_tokens
 from shards.store import FeatureStore, Manifest, open_store
 from train.config import RunConfig
 
@@ -26,23 +27,28 @@ def open_store_for(identity: dict[str, Any], path: str | Path, source: str) -> F
     """Open the store at ``path`` requiring the recorded ``identity``.
 
     ``identity`` is what a checkpoint records: :meth:`shards.manifest.Manifest.identity` of its
-    training store. Only the :data:`~shards.manifest.IDENTITY_FIELDS` it holds are compared, so
-    checkpoints of earlier versions, which recorded fewer of them, are still accepted.
+    training store. Checkpoints of earlier versions recorded fewer :data:`~shards.manifest.IDENTITY_FIELDS`:
+    a field they lack is compared as its :data:`~shards.manifest.DEFAULTS` value (a float16 store,
+    ``token_pool`` 1, class token, the reference's preprocessing), others they lack are not compared.
 
     Raises:
         StoreError: the store differs; the message names each field with both values and ``source``.
     """
+    wanted = {k: identity.get(k, DEFAULTS.get(k)) for k in IDENTITY_FIELDS if k in identity or k in DEFAULTS}
+    store = open_store(path)
     try:
-        return open_store(path, expect={k: v for k, v in identity.items() if k in IDENTITY_FIELDS})
+        hint = "use the store it was trained on, or train on this one"
+        check_expected(store.path, store.manifest.to_attrs(), wanted, hint)
     except StoreError as err:
         raise StoreError(f"{source} was trained on another store: {err}") from None
+    return store
 
 
 def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> None:
     """Check that a model of ``cfg`` can be trained on the store at ``path`` with ``manifest``.
 
-    Token dims (P, C, Cq) that ``cfg`` sets, or takes from the backbone registry, must equal the store's;
-    unknown ones are left to :func:`config_for_store`.
+    Token dims (P, C, Cq) that ``cfg`` sets, or takes from the backbone registry (P pooled as the
+    store's ``token_pool`` says), must equal the store's; unknown ones are left to :func:`config_for_store`.
 
     Raises:
         StoreError: other dataset, backbone, token dims, or fewer stored layers than the model fuses.
@@ -53,7 +59,7 @@ def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> 
     if normalize_backbone(manifest.backbone) != normalize_backbone(cfg.model.arch):
         problems.append(f"backbone is {manifest.backbone!r} but model.arch is {cfg.model.arch!r}")
     stored = (manifest.video_tokens, manifest.video_width, manifest.text_width)
-    wanted = cfg.model.known_token_dims()
+    wanted = _pooled(cfg.model.known_token_dims(), cfg.model.video_tokens is None, manifest.token_pool)
     if any(w is not None and w != s for w, s in zip(wanted, stored, strict=True)):
         shown = ", ".join("?" if w is None else str(w) for w in wanted)
         problems.append(
@@ -67,6 +73,19 @@ def check_config_store(cfg: RunConfig, manifest: Manifest, path: str | Path) -> 
             f"store {path} does not fit preset {cfg.preset!r}: " + "; ".join(problems)
             + " (use a store extracted for this preset, or --set model.arch/model.layers)"
         )
+
+
+def _pooled(dims: tuple[int | None, ...], from_registry: bool, pool: int) -> tuple[int | None, ...]:
+    """``dims`` (P, C, Cq) with a P taken from the backbone registry (``from_registry``) pooled by
+    ``pool`` (:func:`shards.manifest.pooled_tokens`); kept as it is when ``pool`` does not divide its
+    grid (then it cannot be the store's P)."""
+    p = dims[0]
+    if not from_registry or p is None or pool == 1:
+        return dims
+    try:
+        return (pooled_tokens(p, pool), *dims[1:])
+    except ConfigError:
+        return dims
 
 
 def with_token_dims(cfg: RunConfig, dims: TokenDims) -> RunConfig:

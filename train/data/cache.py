@@ -13,8 +13,15 @@ Modes (``train.cache``):
 * ``auto``: ``device`` when the tokens the run needs fit the GPU's free memory with a margin, else
   ``ram`` when they fit the available host memory with a margin, else ``off``.
 
-The bound (``train.cache_gb``, default: the margin's share of free memory) is in bytes of fp16
-tokens. When the tokens do not all fit, the first ones drawn are kept and the rest stream.
+The bound (``train.cache_gb``, default: the margin's share of free memory) is in bytes of tokens as
+kept. When the tokens do not all fit, the first ones drawn are kept and the rest stream.
+
+Video tokens are kept as the store holds them: an int8 store's (:mod:`shards.quant`) stay packed int8
+(values and scales, about half the bytes of float16, so twice the videos fit) and are dequantized
+when a batch is assembled, into its float16 rows: on the GPU in the gather (mode ``device``: an
+elementwise multiply, free next to the step) or by the row-copy threads on the host (mode ``ram``:
+a multiply per value, slower than a plain copy). Dequantizing at fill time instead would double the memory the
+cache needs for the same batches. Query tokens (a few per query) are kept as float16.
 
 Only the last ``layers`` layers the model fuses are read and kept (:meth:`FeatureStore.read_video`
 with ``layers``): a model fusing fewer layers than the store holds needs a smaller cache. Query
@@ -35,7 +42,8 @@ import torch
 
 from shards.errors import ConfigError
 from shards.schema import Query
-from train.data.loader import TokenSource, last_layers
+from shards.store import DTYPE
+from train.data.loader import TokenSource, copy_tokens, last_layers
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,8 @@ class CachePlan:
 
 def needed_bytes(source: TokenSource, queries: Iterable[Query], layers: int | None = None) -> int:
     """Bytes of the video and query tokens of ``queries`` (each video counted once), of their last
-    ``layers`` layers (``None``: all the source holds)."""
+    ``layers`` layers (``None``: all the source holds), as a :class:`TokenCache` keeps them: videos as
+    stored, queries as float16."""
     stored = source.manifest.layers
     keep = stored if layers is None else layers
     query_row = keep * source.manifest.text_width * 2
@@ -179,13 +188,14 @@ class TokenCache:
             return kept[key]
 
     def video_tensor(self, vid: str) -> torch.Tensor:
-        """``(T, layers, P, C)`` float16 tokens of ``vid``: the cached tensor (on the cache's device), or
-        a fresh host read when the bound is reached."""
+        """Tokens of ``vid`` as stored (``(T, layers, P, C)`` float16, or packed int8
+        ``(T, layers, P, C + 2)`` of an int8 store): the cached tensor (on the cache's device), or a
+        fresh host read when the bound is reached."""
         cached = self._videos.get(vid)
         if cached is not None:
             return cached
         self._count_read()
-        tokens = self.source.read_video(vid, layers=self.layers)
+        tokens = self.source.read_stored(vid, layers=self.layers)
         return self._keep(self._videos, vid, torch.from_numpy(tokens))
 
     def video_ids(self) -> list[str]:
@@ -201,22 +211,34 @@ class TokenCache:
         """Bytes of the ``layers`` layers of ``vid`` that the cache serves."""
         return self.source.video_nbytes(vid) // self.source.manifest.layers * self.layers
 
-    def map_video(self, vid: str) -> np.ndarray:
-        """Host view of ``vid``'s ``(T, layers, P, C)`` tokens: the store's mapping (strided when it holds
-        more layers) with the cache off, else the cached tokens (a host copy when they are on the GPU)."""
+    def map_stored(self, vid: str) -> np.ndarray:
+        """Host view of ``vid``'s tokens as stored (``(T, layers, ...)``, see :meth:`video_tensor`): the
+        store's mapping (strided when it holds more layers) with the cache off, else the cached tokens
+        (a host copy when they are on the GPU)."""
         if self.plan.mode == "off":
             self._count_read()
-            return last_layers(self.source.map_video(vid), self.layers)
+            return last_layers(self.source.map_stored(vid), self.layers)
         return self.video_tensor(vid).cpu().numpy()
 
+    def read_stored(self, vid: str, layers: int | None = None) -> np.ndarray:
+        """:meth:`map_stored`, its last ``layers`` layers (``None``: all the cache serves)."""
+        tokens = self.map_stored(vid)
+        return tokens if layers is None else last_layers(tokens, layers)
+
     def read_video(self, vid: str, out: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
-        tokens = self.map_video(vid)
-        if layers is not None:
-            tokens = last_layers(tokens, layers)
-        if out is None:
+        """``(T, layers, P, C)`` float16 tokens of ``vid`` (a view of :meth:`map_stored` for a float16
+        store), into ``out`` when given."""
+        tokens = self.read_stored(vid, layers)
+        if out is None and tokens.dtype == DTYPE:
             return tokens
-        out[...] = tokens
+        if out is None:
+            out = np.empty((*tokens.shape[:-1], self.manifest.video_width), DTYPE)
+        copy_tokens(out, tokens)
         return out
+
+    def map_video(self, vid: str) -> np.ndarray:
+        """``(T, layers, P, C)`` float16 tokens of ``vid`` (:meth:`read_video`)."""
+        return self.read_video(vid)
 
     def has_query(self, qid: int | str) -> bool:
         return self.source.has_query(qid)

@@ -6,10 +6,13 @@ a batch mixes several videos (the in-batch contrastive losses need that) while e
 tokens are read once per epoch and shared by all its queries in a batch (TACoS has 100+ queries
 per video). When a pool video runs out of queries the next video takes its place.
 
-Reads: a background thread maps ``prefetch_videos`` videos ahead (``map_video``: it takes the
+Reads: a background thread maps ``prefetch_videos`` videos ahead (``map_stored``: it takes the
 disk wait, and the mapping is a view of the page cache, not a copy). Each video is then copied
 once per batch, straight into its row of the batch's zero-padded tensor, by ``read_threads``
-threads (the copies release the GIL): the work a batch from RAM takes. Only the last ``layers``
+threads (the copies release the GIL): the work a batch from RAM takes. Tokens of an int8 store
+(:mod:`shards.quant`) stay int8 until then and are dequantized into the row (:func:`copy_tokens`;
+on the GPU by :func:`gather_on_device`): half the bytes read and held, the same float16 batch a
+float16 store of the dequantized tokens gives. Only the last ``layers``
 layers are copied when the model fuses fewer than the store holds. The batch tensors come from a
 small pool of buffers, reused once the caller has dropped every tensor of an earlier batch (so
 later batches cost no page faults); with ``pin_memory`` they are allocated pinned instead of copied
@@ -47,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.device import thread_device
+from shards.quant import SCALE_BYTES, unpack
 from shards.schema import Query
 from shards.store import DTYPE, FeatureStore, Manifest, open_store
 
@@ -57,7 +61,12 @@ Tokens = TypeVar("Tokens", np.ndarray, torch.Tensor)
 
 class TokenSource(Protocol):
     """What the loader reads: implemented by :class:`FeatureStore`, :class:`MemorySource` and
-    :class:`train.data.cache.TokenCache`. ``read_video(vid, layers=n)`` gives the last ``n`` layers."""
+    :class:`train.data.cache.TokenCache`. ``read_video(vid, layers=n)`` gives the last ``n`` layers.
+
+    ``read_video``, ``map_video`` and ``read_query`` give float16 tokens; ``read_stored`` and
+    ``map_stored`` give a video as stored (float16, or packed int8 of an int8 store: :mod:`shards.quant`),
+    which :func:`copy_tokens` writes into a float16 batch row. ``video_nbytes`` counts bytes as stored.
+    """
 
     manifest: Manifest
 
@@ -69,6 +78,8 @@ class TokenSource(Protocol):
         self, vid: str, out: np.ndarray | None = None, layers: int | None = None
     ) -> np.ndarray: ...
     def map_video(self, vid: str) -> np.ndarray: ...
+    def read_stored(self, vid: str, layers: int | None = None) -> np.ndarray: ...
+    def map_stored(self, vid: str) -> np.ndarray: ...
     def has_query(self, qid: int | str) -> bool: ...
     def query_length(self, qid: int | str) -> int: ...
     def read_query(self, qid: int | str, out: np.ndarray | None = None) -> np.ndarray: ...
@@ -78,7 +89,8 @@ class TokenSource(Protocol):
 @runtime_checkable
 class DeviceTokens(Protocol):
     """A token source that may keep its tokens on a GPU (:class:`train.data.cache.TokenCache`): when
-    ``on_device``, batches are gathered on ``device`` from :meth:`video_tensor` / :meth:`query_tensor`."""
+    ``on_device``, batches are gathered on ``device`` from :meth:`video_tensor` (videos as stored) /
+    :meth:`query_tensor` (float16)."""
 
     @property
     def on_device(self) -> bool: ...
@@ -159,6 +171,14 @@ class MemorySource:
         return out
 
     def map_video(self, vid: str) -> np.ndarray:
+        """The stored array itself (no copy)."""
+        return self._videos[vid]
+
+    def read_stored(self, vid: str, layers: int | None = None) -> np.ndarray:
+        """The stored array (float16: this source holds no int8 tokens), its last ``layers`` layers."""
+        return self.read_video(vid, layers=layers)
+
+    def map_stored(self, vid: str) -> np.ndarray:
         """The stored array itself (no copy)."""
         return self._videos[vid]
 
@@ -290,7 +310,7 @@ class LoaderStats:
 
 
 class _Feed:
-    """Fetches videos in a fixed order, ``depth`` ahead within a byte budget: ``fetch`` (``map_video``,
+    """Fetches videos in a fixed order, ``depth`` ahead within a byte budget: ``fetch`` (``map_stored``,
     a read-only view of the page cache) runs in a background thread that takes the disk wait when
     ``background``, else on :meth:`take`; without ``fetch`` only the budget is kept (a dry run)."""
 
@@ -437,14 +457,50 @@ def pad_rows(
     return tensor, length_mask(lengths, buffers.pin)
 
 
+_CHUNK = 1 << 20
+"""Values dequantized per step on the host (bounds the float32 temporary)."""
+
+
+def copy_tokens(out: np.ndarray, stored: np.ndarray) -> None:
+    """Write tokens as stored (``(T, ...)``: float16, or packed int8 ``(..., C + 2)``, :mod:`shards.quant`)
+    into ``out`` (float16 ``(T, ..., C)``): a copy, or the dequantization, bit for bit that of
+    :func:`shards.quant.dequantize`: the float32 product rounded to float16 (by torch, several times
+    faster than numpy at it), ``_CHUNK`` values at a time."""
+    if stored.dtype == DTYPE:
+        np.copyto(out, stored)
+        return
+    q, scale = unpack(stored)
+    rows = max(1, _CHUNK // max(1, math.prod(out.shape[1:])))
+    buffer = np.empty((min(rows, out.shape[0]), *out.shape[1:]), np.float32)
+    for start in range(0, out.shape[0], rows):
+        stop = min(start + rows, out.shape[0])
+        product = buffer[: stop - start]
+        np.copyto(product, q[start:stop], casting="unsafe")
+        product *= scale[start:stop].astype(np.float32)
+        torch.from_numpy(out[start:stop]).copy_(torch.from_numpy(product))
+
+
+def dequantize_tensor(stored: torch.Tensor, out: torch.Tensor) -> None:
+    """Write a tensor of tokens as stored (float16, or packed int8 ``(..., C + 2)``) into the float16
+    tensor ``out`` (``(..., C)``, same device), dequantizing as :func:`copy_tokens` does."""
+    if stored.dtype == torch.float16:
+        out.copy_(stored, non_blocking=True)
+        return
+    width = stored.shape[-1] - SCALE_BYTES
+    scale = stored[..., width:].contiguous().view(torch.float16).float()
+    out.copy_(stored[..., :width].float().mul_(scale))
+
+
 def gather_on_device(rows: Sequence[torch.Tensor], layers: int, device: torch.device) -> torch.Tensor:
-    """``(N, max T, layers, ...)`` float16 on ``device``: row ``i`` holds the last ``layers`` layers of
-    ``rows[i]`` (copied on the device when it lives there), zeros after. Nothing is allocated on the
-    host."""
+    """``(N, max T, layers, ..., C)`` float16 on ``device``: row ``i`` holds the last ``layers`` layers
+    of ``rows[i]`` (tokens as stored, float16 or packed int8: copied or dequantized on the device when
+    it lives there), zeros after. Nothing is allocated on the host."""
     longest = max(r.size(0) for r in rows)
-    out = torch.zeros((len(rows), longest, layers, *rows[0].shape[2:]), dtype=torch.float16, device=device)
+    width = rows[0].shape[-1] - (SCALE_BYTES if rows[0].dtype == torch.int8 else 0)
+    shape = (len(rows), longest, layers, *rows[0].shape[2:-1], width)
+    out = torch.zeros(shape, dtype=torch.float16, device=device)
     for i, r in enumerate(rows):
-        out[i, : r.size(0)].copy_(last_layers(r, layers), non_blocking=True)
+        dequantize_tensor(last_layers(r, layers), out[i, : r.size(0)])
     return out
 
 
@@ -488,8 +544,9 @@ class BatchBuilder:
         video: Callable[[int], Any],
     ) -> Batch:
         """The batch of ``queries`` (in this order) over the distinct ``vids`` (row order): ``video(i)``
-        gives the tokens ``(T, k, P, C)`` of ``vids[i]`` (a host array, or a tensor on a device source);
-        on the host it is called in the copying threads."""
+        gives the tokens of ``vids[i]`` as stored (``(T, k, P, C)`` float16 or ``(T, k, P, C + 2)`` packed
+        int8; a host array, or a tensor on a device source); on the host it is called in the copying
+        threads."""
         source, layers, pin = self.source, self.layers, self.pin
         _, tokens, width = source.manifest.video_shape
         lengths = [source.video_length(v) for v in vids]
@@ -506,7 +563,7 @@ class BatchBuilder:
                 self._video_buffers,
                 lengths,
                 (layers, tokens, width),
-                lambda i, out: np.copyto(out, last_layers(video(i), layers)),
+                lambda i, out: copy_tokens(out, last_layers(video(i), layers)),
                 self.threads,
             )
             query, query_mask = pad_rows(
@@ -677,7 +734,7 @@ class GroupedQueryDataset(IterableDataset):
         cfg = self.config
         on_device = device_tokens(source)
         # Tokens on the GPU are fetched in the caller's thread, so their copies run on its CUDA stream.
-        fetch = on_device.video_tensor if on_device is not None else source.map_video
+        fetch = on_device.video_tensor if on_device is not None else source.map_stored
         feed = _Feed(
             source, vids, cfg.prefetch_videos, cfg.max_bytes, self.stats, fetch, background=on_device is None
         )

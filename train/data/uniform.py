@@ -13,7 +13,8 @@ only the last ``layers`` layers the model fuses. Tokens come from a
 :class:`train.data.cache.TokenCache`: gathered on the GPU when the cache lives there (in the calling
 thread, so on its CUDA stream; no token is copied on the host), else copied by ``read_threads``
 threads straight into padded host buffers (pinned when ``pin_memory``), the next batch assembled in a
-background thread while the current one trains.
+background thread while the current one trains. Tokens of an int8 store are dequantized on the way
+(:func:`train.data.loader.copy_tokens`, :func:`train.data.loader.gather_on_device`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class BatchAssembler:
         vids = list(dict.fromkeys(q.vid for q in queries))
         if cache.on_device:
             return self._build(queries, vids, lambda i: cache.video_tensor(vids[i]))
-        return self._build(queries, vids, lambda i: cache.map_video(vids[i]))
+        return self._build(queries, vids, lambda i: cache.map_stored(vids[i]))
 
 
 class _StoreBatches(Dataset):
