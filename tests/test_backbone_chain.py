@@ -81,7 +81,7 @@ def test_extract_verify_train_predict(
     )  # fmt: skip
     _r2("shards", "verify", str(store_path))
     _r2(
-        "train", "--preset", "charades", "--arch", arch, "--store", str(store_path), "--out", str(run),
+        "train", "--preset", "charades", "--store", str(store_path), "--out", str(run),  # no --arch
         "--device", "cpu", "--set", "epochs=1", "--set", "batch_size=4", "--set", "warmup=1",
         "--set", "train.num_workers=0", "--set", f"model.layers={LAYERS}",
     )  # fmt: skip

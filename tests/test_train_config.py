@@ -37,8 +37,9 @@ def test_token_dims_are_config_fields_saved_in_json() -> None:
         cfg.model.token_dims()
     with pytest.raises(ConfigError, match="did you mean ViT-B-32"):
         get_preset("tacos", arch="ViT-B-23").model.token_dims()
-    with pytest.raises(ConfigError, match="'ViT-B-16-SigLIP' is not supported yet.*model.video_tokens=P"):
-        get_preset("tacos", arch="ViT-B-16-SigLIP").model.token_dims()
+    with pytest.raises(ConfigError, match="'convnext_base_w' is not supported: .*not a plain ViT"):
+        get_preset("tacos", arch="convnext_base_w").model.token_dims()
+    assert get_preset("tacos", arch="ViT-B-16-SigLIP").model.token_dims() == TokenDims(197, 768, 768)
     apply_overrides(cfg, ["model.video_tokens=257", "model.video_width=1280", "model.text_width=1024"])
     assert cfg.model.token_dims() == TokenDims(257, 1280, 1024)
     saved = json.loads(json.dumps(cfg.to_dict()))

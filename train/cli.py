@@ -35,11 +35,11 @@ def train(
     preset: str = typer.Option(
         ..., "--preset", "-p", help=f"Config preset: {', '.join(preset_names()[:6])}, ..."
     ),
-    arch: str = typer.Option(
-        "ViT-B-32",
+    arch: str | None = typer.Option(
+        None,
         "--arch",
-        help="CLIP backbone of the cached tokens: any open_clip ViT name or an OpenAI spelling "
-        "(ViT-B/32, ViT-L/14@336px).",
+        help="Backbone of the cached tokens: any open_clip ViT name or an OpenAI spelling (ViT-B/32, "
+        "ViT-L/14@336px); default: the store's, else ViT-B-32.",
     ),
     overrides: list[str] = typer.Option(
         [], "--set", help=f"Override a config key: --set optim.lr=1e-4 (aliases: {', '.join(ALIASES)})."
@@ -64,6 +64,11 @@ def train(
     ),
 ) -> None:
     """Train R²-Tuning with a preset's reference hyper-parameters (see docs/model.md)."""
+    if arch is None and store is not None and store.exists():
+        from shards.store import open_store  # no torch
+
+        arch = open_store(store).manifest.backbone
+    arch = arch or "ViT-B-32"
     cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
     if dry_run:
         typer.echo(dry_run_text(cfg, store, device or cfg.train.device))
