@@ -329,7 +329,8 @@ def _load_tokenizer(
         if not random_weights:
             raise WeightsError(
                 f"the tokenizer of {spec.model_name} (Hugging Face {spec.tokenizer}) cannot be loaded "
-                f"({cause}): pip install transformers sentencepiece, and run once with internet or put "
+                f"({cause}): pip install 'r2tuning-toolkit[hf]' (transformers, sentencepiece; in this "
+                "checkout: .venv/bin/pip install -e '.[hf]'), and run once with internet or put "
                 "it in the Hugging Face cache (HF_HOME / HF_HUB_CACHE)"
             ) from err
         log.warning(
