@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from extract.frames import video_duration
 from shards.annotation_files import Selection, resolve_annotation_args
@@ -133,6 +134,20 @@ class ExtractConfig:
     token_pool: int = 1
     dtype: str = "float16"
     extensions: tuple[str, ...] = field(default=VIDEO_EXTENSIONS)
+
+    def backbone_args(self) -> dict[str, Any]:
+        """The arguments of :func:`extract.backbone.load_backbone` this config asks for (also what a
+        dask worker builds its backbone from)."""
+        return {
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "layers": self.layers,
+            "device": self.device,
+            "seed": self.seed,
+            "cache_dir": self.cache_dir,
+            "precision": self.precision,
+            "token_pool": self.token_pool,
+        }
 
 
 def find_video(folder: Path, stem: str, extensions: Sequence[str]) -> Path | None:

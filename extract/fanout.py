@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +63,7 @@ def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
     backbone = _BACKBONES.get(spec)
     if backbone is None:
         _BACKBONES.clear()
-        backbone = load_backbone(
-            spec.arch,
-            spec.pretrained,
-            spec.layers,
-            device,
-            spec.seed,
-            spec.cache_dir,
-            spec.precision,
-            token_pool=spec.token_pool,
-        )
+        backbone = load_backbone(**{**asdict(spec), "device": device})
         _BACKBONES[spec] = backbone
     return backbone
 
@@ -157,16 +148,7 @@ class DaskRunner:
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)
-        self.spec = BackboneSpec(
-            cfg.arch,
-            cfg.pretrained,
-            cfg.layers,
-            cfg.device,
-            cfg.seed,
-            cfg.cache_dir,
-            cfg.precision,
-            cfg.token_pool,
-        )
+        self.spec = BackboneSpec(**cfg.backbone_args())
         try:
             weights = [cfg.pretrained] if Path(cfg.pretrained).is_absolute() else []  # a weights file
             check_visible(self.client, [absolute(cfg.videos), *weights])

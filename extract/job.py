@@ -80,16 +80,7 @@ class LocalRunner:
 
     def __init__(self, cfg: ExtractConfig, backbone: ClipBackbone | None = None) -> None:
         self.cfg = cfg
-        self.backbone = backbone or load_backbone(
-            cfg.arch,
-            cfg.pretrained,
-            cfg.layers,
-            cfg.device,
-            cfg.seed,
-            cfg.cache_dir,
-            cfg.precision,
-            token_pool=cfg.token_pool,
-        )
+        self.backbone = backbone or load_backbone(**cfg.backbone_args())
         self.info = self.backbone.info()
 
     def extract(

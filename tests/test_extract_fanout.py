@@ -41,9 +41,9 @@ def test_each_worker_builds_on_its_gpu_made_current(monkeypatch) -> None:
 
     pools: list[int] = []
 
-    def load(arch: str, pretrained: str, layers: int, device: str, *_: object, token_pool: int = 1) -> object:
-        built.append(device)
-        pools.append(token_pool)
+    def load(**args: object) -> object:
+        built.append(str(args["device"]))
+        pools.append(int(str(args["token_pool"])))
         return object()
 
     monkeypatch.setattr(fanout, "load_backbone", load)

