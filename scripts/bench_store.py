@@ -37,7 +37,8 @@ from benchlib import drop_cache, files_under, machine
 
 from shards.schema import Query
 from shards.store import create_store, make_manifest, open_store
-from train.data.loader import LoaderConfig, MemorySource, StreamingLoader
+from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.sources import MemorySource
 
 SHAPE = (75, 4, 50, 768)
 QUERY_SHAPE = (12, 4, 512)

@@ -6,7 +6,7 @@ For two store shapes -- QVHighlights (T=75, k=4, P=50, C=768, 2 queries per vide
 
 1. samples/s (queries/s) the pooled streaming loader delivers from the store (cold: page cache
    dropped with ``posix_fadvise(DONTNEED)``; warm: right after), from RAM
-   (:class:`train.data.loader.MemorySource`) and reference-style (one ``np.load`` of ``<vid>.npy`` and
+   (:class:`train.data.sources.MemorySource`) and reference-style (one ``np.load`` of ``<vid>.npy`` and
    of ``<qid>.npy`` per query, then padded per-query stacking as the reference collate does; cold),
    all on the same videos;
 2. the default loader on the same videos: uniform batches (:mod:`train.data.uniform`) with the RAM
@@ -57,7 +57,8 @@ from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthet
 from train.config import RunConfig
 from train.data.batching import ModelInputs
 from train.data.cache import CachePlan, TokenCache
-from train.data.loader import LoaderConfig, MemorySource, StreamingLoader, TokenSource
+from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.sources import MemorySource, TokenSource
 from train.data.uniform import UniformLoader
 from train.engine.rundata import RunData, epoch_inputs, open_run_data
 from train.engine.step import TrainState, build_state, train_step

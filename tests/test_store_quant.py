@@ -27,8 +27,9 @@ from tests.helpers.fixtures import TINY_STEP_OVERRIDES, make_tiny_manifest
 from tests.helpers.synthetic import SyntheticSpec, make_synthetic_store, synthetic_run_config
 from train.compat import config_for_store, open_store_for
 from train.config import get_preset
+from train.data.assembly import Batch, copy_tokens, dequantize_tensor
 from train.data.cache import CachePlan, TokenCache, needed_bytes
-from train.data.loader import Batch, LoaderConfig, StreamingLoader, copy_tokens, dequantize_tensor
+from train.data.loader import LoaderConfig, StreamingLoader
 from train.data.uniform import UniformLoader
 from train.engine.score import score_checkpoint
 from train.engine.trainer import train_run

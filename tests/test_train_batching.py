@@ -11,8 +11,8 @@ import torch
 from shards.datasets import get_dataset
 from shards.errors import AnnotationError
 from shards.schema import Query
+from train.data.assembly import Batch
 from train.data.batching import collate_targets, model_inputs, per_query_targets
-from train.data.loader import Batch
 from train.data.targets import clamp_boundary, query_targets, sample_positive
 
 

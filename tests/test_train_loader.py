@@ -11,7 +11,8 @@ import torch
 
 from shards.schema import Query
 from shards.store import FeatureStore, create_store, open_store
-from train.data.loader import LoaderConfig, MemorySource, StreamingLoader
+from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.sources import MemorySource
 
 K, P, C, CQ = 2, 3, 8, 4
 FPS = 0.5

@@ -21,9 +21,10 @@ from shards.store import FeatureStore, create_store, open_store
 from tests.helpers.fixtures import synthetic_store_fixture
 from tests.helpers.synthetic import SyntheticSpec, synthetic_run_config
 from train.config import RunConfig
+from train.data.assembly import Batch
 from train.data.batching import ModelInputs, model_inputs
 from train.data.cache import CachePlan, TokenCache, needed_bytes
-from train.data.loader import Batch, LoaderConfig, StreamingLoader
+from train.data.loader import LoaderConfig, StreamingLoader
 from train.data.uniform import UniformLoader
 from train.engine import rundata
 from train.engine.rundata import epoch_inputs, open_run_data, pos_clip_generator, side_stream_batches

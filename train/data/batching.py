@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from shards.datasets import DatasetSpec
-from train.data.loader import Batch
+from train.data.assembly import Batch
 from train.data.targets import QueryTargets, query_targets, sample_positive
 from train.model import Targets
 

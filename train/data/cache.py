@@ -43,7 +43,8 @@ import torch
 from shards.errors import ConfigError
 from shards.schema import Query
 from shards.store import DTYPE
-from train.data.loader import TokenSource, copy_tokens, last_layers
+from train.data.assembly import copy_tokens
+from train.data.sources import TokenSource, last_layers
 
 log = logging.getLogger(__name__)
 

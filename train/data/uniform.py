@@ -14,7 +14,7 @@ only the last ``layers`` layers the model fuses. Tokens come from a
 thread, so on its CUDA stream; no token is copied on the host), else copied by ``read_threads``
 threads straight into padded host buffers (pinned when ``pin_memory``), the next batch assembled in a
 background thread while the current one trains. Tokens of an int8 store are dequantized on the way
-(:func:`train.data.loader.copy_tokens`, :func:`train.data.loader.gather_on_device`).
+(:func:`train.data.assembly.copy_tokens`, :func:`train.data.assembly.gather_on_device`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from shards.device import thread_device
 from shards.schema import Query
 from shards.store import open_store
+from train.data.assembly import Batch, BatchBuilder
 from train.data.cache import CachePlan, TokenCache
-from train.data.loader import Batch, BatchBuilder, select_queries
+from train.data.sources import select_queries
 
 
 def uniform_batches(

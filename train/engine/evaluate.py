@@ -29,8 +29,10 @@ from shards.errors import StoreError
 from shards.schema import Query
 from shards.store import FeatureStore
 from train.config import RunConfig
+from train.data.assembly import Batch
 from train.data.batching import per_query_targets
-from train.data.loader import Batch, LoaderConfig, StreamingLoader, TokenSource
+from train.data.loader import LoaderConfig, StreamingLoader
+from train.data.sources import TokenSource
 from train.model import R2Tuning, decode_sample
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,10 @@ from shards.schema import Query
 from shards.store import FeatureStore, Manifest, open_store
 from train.compat import config_for_store
 from train.config import RunConfig
+from train.data.assembly import Batch
 from train.data.batching import ModelInputs, model_inputs
 from train.data.cache import TokenCache, needed_bytes, plan_cache
-from train.data.loader import Batch, LoaderConfig, StreamingLoader
+from train.data.loader import LoaderConfig, StreamingLoader
 from train.data.targets import query_targets
 from train.data.uniform import UniformLoader
 from train.engine.evaluate import check_predictable, validation_loader
