@@ -299,8 +299,8 @@ def determinism_flags(monkeypatch):
 
 def test_deterministic_sets_the_reference_switches_and_trains(store, determinism_flags):
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
-    build_state(_cfg(1), "cpu")  # off by default: the flags stay as they were
-    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    build_state(_cfg(1), "cpu")  # by default: the cuDNN switches of the reference (nncore's seeding)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     state = build_state(_cfg(1, "train.deterministic=true"), "cpu")
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark

@@ -185,8 +185,9 @@ class TrainConfig:
         read_threads: threads that assemble host batches (reads from the store or the RAM cache into
             pinned buffers).
         compile: ``torch.compile`` the R² model (opt-in; same outputs as eager within float tolerance).
-        deterministic: what the reference sets for reproducible GPU runs (``cudnn.deterministic``,
-            ``torch.use_deterministic_algorithms``); slower on CUDA (docs/training.md).
+        deterministic: beyond the cuDNN switches every run sets as the reference does
+            (``cudnn.deterministic`` on, ``cudnn.benchmark`` off), also
+            ``torch.use_deterministic_algorithms``: bit-reproducible GPU runs, slower (docs/training.md).
     """
 
     epochs: int = 30

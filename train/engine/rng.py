@@ -28,16 +28,17 @@ def seed_everything(seed: int) -> None:
 
 
 def set_deterministic(enabled: bool) -> None:
-    """With ``enabled``, what the reference sets for reproducible GPU runs: ``cudnn.deterministic``,
-    no ``cudnn.benchmark``, ``torch.use_deterministic_algorithms(True)`` and, when unset,
-    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when it starts, so set it in the environment
-    for a process that used CUDA before). Slower on CUDA; an op with no deterministic CUDA kernel then
-    raises. Without ``enabled`` the flags are left as they are."""
+    """The cuDNN switches every run of the reference sets (nncore's ``set_random_seed(...,
+    deterministic=True)``: ``cudnn.deterministic`` on, ``cudnn.benchmark`` off), and with ``enabled``
+    (``train.deterministic``, opt-in, stricter than the reference) also
+    ``torch.use_deterministic_algorithms(True)`` and, when unset, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+    (cuBLAS reads it when it starts, so set it in the environment for a process that used CUDA before):
+    slower on CUDA, and an op with no deterministic CUDA kernel then raises."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     if not enabled:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
 
 
