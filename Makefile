@@ -1,7 +1,8 @@
 # Front door of the toolkit. Every target installs what it needs into a local venv on first use.
 #   make demo                  extract -> train -> eval -> predict on the embedded sample (CPU, offline)
 #   make serve [CHECKPOINT=...] web page to ground sentences in a video (default: the demo's checkpoint)
-#   make test                  ruff, mypy and the test suite (what CI runs); GPU tests skip without CUDA
+#   make test                  ruff, mypy and the test suite (what CI runs; installs the headless browser the
+#                              r2 serve test drives when missing); GPU tests skip without CUDA
 #   make test-gpu              only the GPU tests (pytest -m cuda), on a machine with CUDA
 #   make extract DATASET=tacos extract CLIP tokens for data/tacos/ into cache/tacos/ (any other name than
 #                              the six benchmarks is one's own data: the custom dataset, docs/custom-data.md)
@@ -111,6 +112,7 @@ serve: $(STAMP)
 
 # pytest's options (-q) are in pyproject.toml; one more -q here would hide its summary line.
 test: $(STAMP)
+	bash scripts/install_browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
