@@ -126,7 +126,9 @@ def test_batches_in_flight_give_the_synchronous_store(backbone, tmp_path, monkey
             assert np.array_equal(tokens[vid], expected), vid
 
 
-def test_cli_workers_auto_or_a_number(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def extract_configs(monkeypatch) -> list[ExtractConfig]:
+    """The configs ``r2 extract`` hands to the job (which is not run): one per invocation."""
     seen: list[ExtractConfig] = []
 
     def fake_run(cfg: ExtractConfig, **given: object) -> ExtractSummary:
@@ -134,6 +136,11 @@ def test_cli_workers_auto_or_a_number(tmp_path, monkeypatch) -> None:
         return ExtractSummary(store=cfg.out, videos=0)
 
     monkeypatch.setattr(extract.job, "run_extraction", fake_run)
+    return seen
+
+
+def test_cli_workers_auto_or_a_number(tmp_path, extract_configs) -> None:
+    seen = extract_configs
     runner = CliRunner()
     base = ["extract", "--sample", "--out", str(tmp_path / "s.zarr"), "--no-progress"]
     for args, expected in (([], None), (["--workers", "auto"], None), (["--workers", "3"], 3)):
@@ -161,14 +168,8 @@ def test_frames_are_made_as_the_backbones_preprocessing_says(backbone, tmp_path)
     assert np.abs(store.read_video("wide").astype(np.float32) - reference).max() > 0.1
 
 
-def test_cli_token_pool_and_dtype_reach_the_config(tmp_path, monkeypatch) -> None:
-    seen: list[ExtractConfig] = []
-
-    def fake_run(cfg: ExtractConfig, **given: object) -> ExtractSummary:
-        seen.append(cfg)
-        return ExtractSummary(store=cfg.out, videos=0)
-
-    monkeypatch.setattr(extract.job, "run_extraction", fake_run)
+def test_cli_token_pool_and_dtype_reach_the_config(tmp_path, extract_configs) -> None:
+    seen = extract_configs
     runner = CliRunner()
     base = ["extract", "--sample", "--out", str(tmp_path / "s.zarr"), "--no-progress"]
     pooled = ["--arch", "ViT-B-16-SigLIP", "--token-pool", "2", "--dtype", "int8"]
