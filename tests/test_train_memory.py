@@ -144,11 +144,12 @@ def _store(tmp_path: Path) -> Path:
 
 def test_check_refuses_on_a_gpu_without_room_and_names_the_knobs(tmp_path, caplog):
     store = open_store(_store(tmp_path))
+    extent = store_extent(store)
     cfg = synthetic_run_config(SyntheticSpec(n_videos=3, layers=2), "tacos", ["batch_size=64"])
     gpu = torch.device("cuda", 1)
-    need = estimate_step(cfg, *store_extent(store), device_type="cuda").total
+    need = estimate_step(cfg, *extent, device_type="cuda").total
     with pytest.raises(ConfigError) as refused:
-        check_step_memory(cfg, store, gpu, free=need // 2)
+        check_step_memory(cfg, extent, gpu, free=need // 2)
     text = str(refused.value)
     assert "GPU cuda:1" in text and f"{need / GIB:.2f} GiB" in text
     assert f"{need // 2 / GIB:.2f} GiB free" in text
@@ -157,16 +158,16 @@ def test_check_refuses_on_a_gpu_without_room_and_names_the_knobs(tmp_path, caplo
     smaller = apply_overrides(synthetic_run_config(SyntheticSpec(n_videos=3, layers=2), "tacos"),
                               [f"batch_size={fit}"])
     assert 0 < fit < 64
-    assert estimate_step(smaller, *store_extent(store)).total <= 0.9 * (need // 2)
+    assert estimate_step(smaller, *extent).total <= 0.9 * (need // 2)
     with caplog.at_level(logging.WARNING, logger="train.engine.memory"):
-        check_step_memory(cfg, store, gpu, free=int(need / 0.95))                  # close: warned
+        check_step_memory(cfg, extent, gpu, free=int(need / 0.95))                  # close: warned
         assert "may run out of memory" in caplog.text
         caplog.clear()
-        check_step_memory(cfg, store, gpu, free=2 * need)                      # room: silent
-        cpu, ram = torch.device("cpu"), estimate_step(cfg, *store_extent(store), device_type="cpu").total
-        check_step_memory(cfg, store, cpu, free=int(ram / 0.95))               # CPU, close: silent
+        check_step_memory(cfg, extent, gpu, free=2 * need)                      # room: silent
+        cpu, ram = torch.device("cpu"), estimate_step(cfg, *extent, device_type="cpu").total
+        check_step_memory(cfg, extent, cpu, free=int(ram / 0.95))               # CPU, close: silent
         assert caplog.text == ""
-        check_step_memory(cfg, store, cpu, free=ram // 3)                      # CPU: warned only
+        check_step_memory(cfg, extent, cpu, free=ram // 3)                      # CPU: warned only
         assert "host RAM" in caplog.text
 
 

@@ -360,7 +360,7 @@ def test_rundata_pooled_loader_runs_in_process_when_tokens_are_cached(synthetic)
         cfg = synthetic_run_config(SPEC, "tacos", [*TINY, "train.batching=pooled", f"train.cache={cache}",
                                                    "train.num_workers=2"])
         store = open_store(synthetic)
-        cached = rundata.token_cache(store, cfg, set(), None, torch.device("cpu"))
+        cached = rundata.token_cache(store, cfg, set(), None, torch.device("cpu"), (1, 1))
         loader = rundata.train_loader(synthetic, cached, cfg, "train", keep=set(), pin=False)
         assert isinstance(loader, StreamingLoader) and loader.config.num_workers == workers
         assert loader.config.layers == 2 and loader.config.read_threads == 3

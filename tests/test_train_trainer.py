@@ -227,7 +227,7 @@ def test_loader_memory_bound_is_a_config_knob(store):
     from train.engine.rundata import token_cache, train_loader
 
     cfg = _cfg(1, "train.loader_memory_gb=0.5", "train.batching=pooled")
-    cache = token_cache(open_store(store), cfg, set(), None, torch.device("cpu"))
+    cache = token_cache(open_store(store), cfg, set(), None, torch.device("cpu"), (1, 1))
     loader = train_loader(store, cache, cfg, "train", keep=set(), pin=False)
     assert isinstance(loader, StreamingLoader) and loader.config.max_bytes == 2**29
     with pytest.raises(ConfigError, match="loader_memory_gb"):

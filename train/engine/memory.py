@@ -248,9 +248,10 @@ def judge(cfg: RunConfig, memory: StepMemory, device: torch.device, free: int) -
 
 
 def check_step_memory(
-    cfg: RunConfig, store: FeatureStore, device: torch.device, free: int | None = None
+    cfg: RunConfig, extent: tuple[int, int], device: torch.device, free: int | None = None
 ) -> StepMemory:
-    """Estimate one step of ``cfg`` on ``store`` (its longest video and query) and compare it with the
+    """Estimate one step of ``cfg`` on batches padded to ``extent`` (a store's longest video in clips and
+    longest query in tokens, :func:`store_extent`) and compare it with the
     free memory of ``device`` (``free`` bytes when given, :func:`judge`): on a GPU refuse a step that
     does not fit and warn (one log line) when it is close; on the CPU warn only when it exceeds the
     available RAM.
@@ -259,7 +260,7 @@ def check_step_memory(
         ConfigError: the step will not fit the GPU; the message names the estimate, the free memory
             and the knobs.
     """
-    memory = estimate_step(cfg, *store_extent(store), device_type=device.type)
+    memory = estimate_step(cfg, *extent, device_type=device.type)
     level, line = judge(cfg, memory, device, free_bytes(device) if free is None else free)
     if level == "over" and device.type == "cuda":
         raise ConfigError(line)

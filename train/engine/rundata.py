@@ -108,10 +108,17 @@ def choose_val_split(store: FeatureStore, cfg: RunConfig) -> str | None:
 
 
 def token_cache(
-    store: FeatureStore, cfg: RunConfig, keep: set, val_split: str | None, device: torch.device
+    store: FeatureStore,
+    cfg: RunConfig,
+    keep: set,
+    val_split: str | None,
+    device: torch.device,
+    extent: tuple[int, int],
 ) -> TokenCache:
     """The run's token cache (``train.cache``, ``train.cache_gb``), sized for the trainable queries
-    ``keep`` and the ``val_split`` queries; says where the tokens live in one log line."""
+    ``keep`` and the ``val_split`` queries, leaving the GPU room for a step on batches padded to
+    ``extent`` (longest video in clips, longest query in tokens: :func:`train.engine.memory.store_extent`);
+    says where the tokens live in one log line."""
     in_domain = domain_filter(cfg)
     videos = set(store.video_ids())
     used = [
@@ -121,7 +128,7 @@ def token_cache(
             and (in_domain is None or in_domain(q)))
     ]
     layers = cfg.model.layers
-    step = estimate_step(cfg, *store_extent(store), device_type="cuda").total if device.type == "cuda" else 0
+    step = estimate_step(cfg, *extent, device_type="cuda").total if device.type == "cuda" else 0
     plan = plan_cache(cfg.train.cache, cfg.train.cache_gb, needed_bytes(store, used, layers), device, step)
     log.info(plan.describe())
     return TokenCache(store, plan, layers)
@@ -181,6 +188,8 @@ class RunData:
         loader: shuffled loader over the trainable queries of ``train_split``.
         val_loader: loader over ``val_split`` (``None`` without validation or without queries).
         val_missing: annotated ``val_split`` queries without tokens, left out (``train.allow_missing``).
+        extent: (T, L) the store's longest video in clips and longest query in tokens, read once
+            (:func:`train.engine.memory.store_extent`; the step's memory estimate uses them).
     """
 
     store_path: str | Path
@@ -193,6 +202,7 @@ class RunData:
     loader: TrainLoader
     val_loader: StreamingLoader | None
     val_missing: int = 0
+    extent: tuple[int, int] = (1, 1)
 
     def steps_per_epoch(self, cfg: RunConfig) -> int:
         """Optimizer steps of one epoch (:func:`train.engine.schedule.steps_per_epoch`)."""
@@ -241,7 +251,8 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
             + "; check train.train_split and the annotations"
         )
     val_split = choose_val_split(store, cfg)
-    cache = token_cache(store, cfg, keep, val_split, torch_device)
+    extent = store_extent(store)
+    cache = token_cache(store, cfg, keep, val_split, torch_device, extent)
     val_loader, val_missing = None, 0
     if val_split is not None:
         val_missing = len(check_predictable(store, val_split, domain_filter(cfg), cfg.train.allow_missing))
@@ -258,6 +269,7 @@ def open_run_data(cfg: RunConfig, store_path: str | Path, device: str) -> tuple[
         loader=train_loader(store_path, cache, cfg, split, keep, pin=torch_device.type == "cuda"),
         val_loader=val_loader,
         val_missing=val_missing,
+        extent=extent,
     )
     return cfg, data
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from shards.device import use_device
 from shards.errors import CheckpointError, ConfigError, option
-from shards.store import open_store
 from train.checkpoint import Checkpoint, load_weights, read_checkpoint
 from train.compat import open_store_for, with_token_dims
 from train.config import RunConfig
@@ -169,7 +168,7 @@ def train_run(
             (:mod:`train.engine.loop`); ``resume=True`` continues it.
     """
     cfg, data = open_run_data(cfg, store_path, str(use_device(device)))
-    check_step_memory(cfg, open_store(store_path), data.device)
+    check_step_memory(cfg, data.extent, data.device)
     paths, resuming = prepare_run_dir(out_dir, resume)
     member = new_member(cfg, data, paths)
     if resuming:
