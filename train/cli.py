@@ -64,11 +64,10 @@ def train(
     ),
 ) -> None:
     """Train R²-Tuning with a preset's reference hyper-parameters (see docs/model.md)."""
-    if arch is None and store is not None and store.exists():
-        from shards.store import open_store  # no torch
+    from shards.store import open_store  # no torch: a missing or broken store fails fast
 
-        arch = open_store(store).manifest.backbone
-    arch = arch or "ViT-B-32"
+    manifest = open_store(store).manifest if store is not None and store.exists() else None
+    arch = arch or (manifest.backbone if manifest is not None else "ViT-B-32")
     cfg = apply_overrides(get_preset(preset, arch=arch), overrides)
     if dry_run:
         typer.echo(dry_run_text(cfg, store, device or cfg.train.device))
@@ -77,9 +76,7 @@ def train(
         raise ConfigError("training needs --store (a feature store); or use --dry-run")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads {threads}: must be >= 1")
-    from shards.store import open_store  # no torch: a missing or broken store fails fast
-
-    warn_random_features(open_store(store).manifest, store)
+    warn_random_features(manifest or open_store(store).manifest, store)  # a missing store: its error
     out = out or Path("runs") / cfg.preset
     again = resume_command(preset, arch, overrides, store, out, device, threads)
     began = utc_now()
