@@ -31,7 +31,7 @@ from extract.backbone import BackboneInfo, ClipBackbone, WeightsError, load_back
 from extract.config import ExtractConfig, decode_workers
 from extract.pipeline import VideoResult, VideoTask, extract_videos
 from shards.cluster import absolute, check_visible, connect
-from shards.device import trial_gpus, use_device, visible_gpus, worker_device
+from shards.device import dask_worker_device, trial_gpus, use_device, visible_gpus
 from shards.errors import R2Error
 from shards.store import FeatureStore, open_store
 
@@ -59,27 +59,13 @@ class BackboneSpec:
 def worker_backbone(spec: BackboneSpec) -> ClipBackbone:
     """The backbone of this worker process, built on first use and kept for later tasks, on this
     worker's device (made the current CUDA device of the calling thread on every call)."""
-    device = str(use_device(_worker_device(spec.device)))
+    device = str(use_device(dask_worker_device(spec.device)))
     backbone = _BACKBONES.get(spec)
     if backbone is None:
         _BACKBONES.clear()
         backbone = load_backbone(**{**asdict(spec), "device": device})
         _BACKBONES[spec] = backbone
     return backbone
-
-
-def _worker_device(device: str) -> str:
-    """This LocalCluster worker's device for ``device`` (:func:`shards.device.worker_device`); ``device``
-    outside a dask worker."""
-    if device == "cpu":
-        return device
-    from distributed import get_worker
-
-    try:
-        name = get_worker().name
-    except ValueError:
-        return device
-    return worker_device(device, visible_gpus(), name)
 
 
 def describe_task(spec: BackboneSpec) -> BackboneInfo:

@@ -116,3 +116,17 @@ def gpu_sharers(workers: int, gpus: int) -> int:
     """Most workers that share one GPU when ``workers`` are spread round-robin over ``gpus`` GPUs
     (what each worker's share of a GPU's memory is divided by)."""
     return max(1, math.ceil(workers / max(gpus, 1)))
+
+
+def dask_worker_device(device: str) -> str:
+    """The device of this LocalCluster worker process for work asked to run on ``device``
+    (:func:`worker_device` with the worker's name); ``device`` itself outside a dask worker."""
+    if device == "cpu":
+        return device
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:
+        return device
+    return worker_device(device, visible_gpus(), name)

@@ -35,7 +35,14 @@ from shards.cluster import (
     interruptible,
     worker_count,
 )
-from shards.device import resolve_device, trial_gpus, usable_cores, use_device, visible_gpus, worker_device
+from shards.device import (
+    dask_worker_device,
+    resolve_device,
+    trial_gpus,
+    usable_cores,
+    use_device,
+    visible_gpus,
+)
 from shards.errors import R2Error, option
 from train.engine.runlog import write_json_atomic
 from train.sweep.progress import SweepProgress
@@ -186,24 +193,10 @@ def _resolve_existing(plan: SweepPlan) -> tuple[list[TrialRecord], list[TrialReq
     return finished, pending
 
 
-def _worker_device(device: str) -> str:
-    """This worker's device for trials asked to run on ``device`` (:func:`shards.device.worker_device`
-    with this LocalCluster worker's name; ``device`` outside a worker)."""
-    if device == "cpu":
-        return device
-    from distributed import get_worker
-
-    try:
-        name = get_worker().name
-    except ValueError:
-        return device
-    return worker_device(device, visible_gpus(), name)
-
-
 def run_task(requests: list[TrialRequest], trial_fn: TrialFn | None) -> list[TrialRecord]:
     """Run one task on a worker: a single trial, or several trials in one shared data pass, on this
     worker's device (made the current CUDA device, :func:`shards.device.use_device`)."""
-    device = str(use_device(_worker_device(requests[0].device)))
+    device = str(use_device(dask_worker_device(requests[0].device)))
     requests = [replace(r, device=device) for r in requests]
     if len(requests) > 1:
         from train.sweep.shared import run_shared_trials
